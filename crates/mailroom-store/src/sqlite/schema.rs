@@ -1,0 +1,102 @@
+//! The SQLite schema as an ordered list of migrations, tracked with
+//! `PRAGMA user_version`.
+//!
+//! Migration `i` takes the database from version `i` to `i + 1`. Entries are
+//! only ever appended: an applied migration is never edited, because
+//! databases in the field already ran it.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: messages and per-recipient delivery state.
+    //
+    // The content sits in `messages`, once per message, as the last column so
+    // that listing reads the small columns without touching overflow pages.
+    // `messages` keeps its rowid: WITHOUT ROWID tables store rows inside the
+    // index b-tree and do badly with kilobyte-sized blobs. `recipients` rows
+    // are small and always read by message, so clustering them on
+    // (message_id, idx) saves the separate primary-key index. There is no
+    // index on (state, next_attempt_at): on this backend the scheduler keeps
+    // what is due in memory (loaded by one scan at start), and every index
+    // is one more b-tree written by each commit on the intake path.
+    r#"
+    CREATE TABLE messages (
+        id           TEXT    PRIMARY KEY NOT NULL,
+        received_at  INTEGER NOT NULL,
+        reverse_path TEXT,
+        env_id       TEXT,
+        ret          TEXT,
+        body_type    TEXT    NOT NULL,
+        smtputf8     INTEGER NOT NULL,
+        priority     INTEGER NOT NULL,
+        origin       TEXT    NOT NULL,
+        size         INTEGER NOT NULL,
+        content      BLOB    NOT NULL
+    );
+
+    CREATE TABLE recipients (
+        message_id      TEXT    NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        idx             INTEGER NOT NULL,
+        address         TEXT    NOT NULL,
+        orcpt           TEXT,
+        notify          INTEGER NOT NULL,
+        state           TEXT    NOT NULL DEFAULT 'queued',
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER,
+        last_reply      TEXT,
+        PRIMARY KEY (message_id, idx)
+    ) WITHOUT ROWID;
+    "#,
+    // 2: every delivery attempt, for operators and bounces.
+    r#"
+    CREATE TABLE attempts (
+        message_id  TEXT    NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        idx         INTEGER NOT NULL,
+        at          INTEGER NOT NULL,
+        outcome     TEXT    NOT NULL,
+        mx_host     TEXT,
+        ip          TEXT,
+        tls         TEXT,
+        code        INTEGER,
+        reply       TEXT    NOT NULL,
+        duration_ms INTEGER NOT NULL
+    );
+    CREATE INDEX attempts_by_message ON attempts(message_id, idx);
+    "#,
+];
+
+/// The schema version this build creates and understands.
+pub(crate) const LATEST: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database up to [`LATEST`], one transaction per migration.
+///
+/// The version is read inside each write transaction, so two processes
+/// opening a fresh database at once cannot both apply the same step.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<i64, StoreError> {
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version > LATEST {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported: LATEST,
+            });
+        }
+        let Ok(step) = usize::try_from(version) else {
+            return Err(StoreError::Corrupt(format!(
+                "negative schema version {version}"
+            )));
+        };
+        let Some(sql) = MIGRATIONS.get(step) else {
+            return Ok(version);
+        };
+        tx.execute_batch(sql)?;
+        // user_version lives in the database header, which is written as part
+        // of this transaction: the step and its version number commit together.
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+        tracing::info!(version = version + 1, "applied store schema migration");
+    }
+}

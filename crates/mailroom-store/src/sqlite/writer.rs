@@ -1,0 +1,550 @@
+//! The writer thread: group commit of enqueued messages.
+//!
+//! Exactly one thread owns the write connection. Producers send requests over
+//! a bounded channel; the thread takes whatever is waiting (up to a batch
+//! limit), writes it in one `BEGIN IMMEDIATE ... COMMIT`, and only then
+//! answers each producer. One fsync therefore covers every message that
+//! arrived while the previous commit was on its way to disk, so throughput
+//! grows with concurrency instead of being capped by the disk's sync latency.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mailroom_core::{MessageId, NewMessage};
+use rusqlite::{Connection, ErrorCode, ffi, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{RecipientUpdate, StoreError};
+
+/// Stop draining the channel once a batch holds this much content, so a
+/// burst of large messages does not pin hundreds of MiB in memory at once.
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// Longest wait for more producers before committing a batch smaller than
+/// the previous one. Small next to an fsync (milliseconds on most disks), so
+/// it costs little latency and saves whole commits.
+const GATHER_WINDOW: Duration = Duration::from_micros(500);
+const GATHER_POLL: Duration = Duration::from_micros(50);
+
+pub(crate) type Reply = oneshot::Sender<Result<(), StoreError>>;
+/// Answers a change with the number of rows it touched.
+pub(crate) type ChangeReply = oneshot::Sender<Result<u64, StoreError>>;
+
+/// A change to messages already stored.
+pub(crate) enum Change {
+    /// New recipient states, each with the attempt that led to it; with
+    /// `only_pending`, recipients no longer queued or deferred (held or
+    /// bounced by an operator meanwhile) are left alone.
+    Update {
+        updates: Vec<RecipientUpdate>,
+        only_pending: bool,
+    },
+    /// Removes a message, its recipients and its attempts.
+    Delete(String),
+}
+
+pub(crate) enum Request {
+    /// Boxed: a `Pending` is a few hundred bytes, and every channel slot
+    /// would otherwise be that large.
+    Enqueue(Box<Pending>, Reply),
+    /// Delivery results, holds, deletions: committed with the next batch.
+    Change(Change, ChangeReply),
+    /// Sent by `close`: stop taking requests, commit what is queued, exit.
+    Shutdown,
+}
+
+/// A message prepared for the writer. The encoding work happens here, on the
+/// producer's task, to keep the single writer thread busy only with SQLite.
+pub(crate) struct Pending {
+    id: String,
+    origin: String,
+    size: i64,
+    message: NewMessage,
+}
+
+impl Pending {
+    pub(crate) fn new(message: NewMessage) -> Result<Self, StoreError> {
+        if message.envelope.recipients.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "message {} has no recipients",
+                message.id
+            )));
+        }
+        let origin = serde_json::to_string(&message.origin)
+            .map_err(|e| StoreError::Invalid(format!("origin cannot be encoded: {e}")))?;
+        let size = i64::try_from(message.content.len())
+            .map_err(|_| StoreError::Invalid("message too large".into()))?;
+        Ok(Pending {
+            id: message.id.to_string(),
+            origin,
+            size,
+            message,
+        })
+    }
+
+    fn message_id(&self) -> MessageId {
+        self.message.id
+    }
+}
+
+/// Starts the writer thread. `exited` is dropped when the thread ends (after
+/// the final checkpoint), which is what `close` waits for.
+pub(crate) fn spawn(
+    conn: Connection,
+    rx: mpsc::Receiver<Request>,
+    max_batch: usize,
+    exited: oneshot::Sender<()>,
+) -> std::io::Result<()> {
+    thread::Builder::new()
+        .name("mailroom-store-writer".into())
+        .spawn(move || {
+            run(&conn, rx, max_batch);
+            // Close the connection before signalling, so `close` returns with
+            // the database file closed by this thread.
+            drop(conn);
+            drop(exited);
+        })?;
+    Ok(())
+}
+
+fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
+    let mut batch = Batch {
+        messages: Vec::with_capacity(max_batch),
+        replies: Vec::with_capacity(max_batch),
+        changes: Vec::new(),
+        bytes: 0,
+    };
+    let mut last_batch = 0;
+    let mut wrote = false;
+    // `None` once every sender is gone, or after `Shutdown` closed the channel
+    // and everything already in it was taken.
+    while let Some(first) = rx.blocking_recv() {
+        batch.bytes = 0;
+        batch.add(first, &mut rx);
+        batch.drain(&mut rx, max_batch);
+        // Producers wait for their answer before sending again, so right
+        // after a commit only the quickest are back and a commit now would
+        // carry a handful of messages, leaving the rest for the next fsync:
+        // batches alternate large and small. Waiting briefly for as many
+        // producers as the last batch answered keeps batches full. Under low
+        // load the last batch was small and there is no wait.
+        if batch.replies.len() < last_batch.min(max_batch) {
+            let deadline = Instant::now() + GATHER_WINDOW;
+            while batch.replies.len() < last_batch.min(max_batch)
+                && batch.bytes <= MAX_BATCH_BYTES
+                && !rx.is_closed()
+                && Instant::now() < deadline
+            {
+                thread::sleep(GATHER_POLL);
+                batch.drain(&mut rx, max_batch);
+            }
+        }
+        last_batch = batch.replies.len();
+        if batch.replies.is_empty() && batch.changes.is_empty() {
+            continue;
+        }
+        wrote = true;
+        let started = Instant::now();
+        let (changes, change_replies): (Vec<_>, Vec<_>) = batch.changes.drain(..).unzip();
+        let (results, change_results) = write_all(conn, batch.messages.drain(..), &changes);
+        for (reply, result) in change_replies.into_iter().zip(change_results) {
+            let _ = reply.send(result);
+        }
+        tracing::trace!(
+            messages = last_batch,
+            micros = started.elapsed().as_micros() as u64,
+            "store: batch written"
+        );
+        for (reply, result) in batch.replies.drain(..).zip(results) {
+            // The producer may have given up waiting; the message is stored
+            // regardless, which is the safe side to err on.
+            let _ = reply.send(result);
+        }
+    }
+    // A store opened only to read (the CLI next to a running server) leaves
+    // the WAL alone: a TRUNCATE checkpoint takes the write lock and would
+    // stall the server's commits while it copies pages.
+    if wrote {
+        checkpoint(conn);
+    }
+}
+
+/// The requests taken for the next commit; the vectors are reused.
+struct Batch {
+    messages: Vec<Pending>,
+    replies: Vec<Reply>,
+    changes: Vec<(Change, ChangeReply)>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Takes what is already waiting, up to the batch limits.
+    fn drain(&mut self, rx: &mut mpsc::Receiver<Request>, max_batch: usize) {
+        while self.replies.len() < max_batch && self.bytes <= MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(request) => self.add(request, rx),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn add(&mut self, request: Request, rx: &mut mpsc::Receiver<Request>) {
+        match request {
+            Request::Enqueue(pending, reply) => {
+                self.bytes += pending.message.content.len();
+                self.messages.push(*pending);
+                self.replies.push(reply);
+            }
+            Request::Change(change, reply) => self.changes.push((change, reply)),
+            // Senders are refused from now on; requests already in the
+            // channel are still received and committed.
+            Request::Shutdown => rx.close(),
+        }
+    }
+}
+
+/// Writes `messages` in one transaction and returns one result per message,
+/// in order. A message that breaks a constraint (a duplicate id) fails alone;
+/// any other error fails the whole batch, since it means the transaction or
+/// the disk is in trouble and nothing in it can be trusted to commit.
+#[cfg(test)]
+pub(crate) fn write_batch(
+    conn: &Connection,
+    messages: impl ExactSizeIterator<Item = Pending>,
+) -> Vec<Result<(), StoreError>> {
+    write_all(conn, messages, &[]).0
+}
+
+/// One result per message written, one per change applied.
+pub(crate) type BatchResults = (Vec<Result<(), StoreError>>, Vec<Result<u64, StoreError>>);
+
+/// Writes new messages and changes in one transaction: one result per
+/// message and one per change, in order.
+pub(crate) fn write_all(
+    conn: &Connection,
+    messages: impl ExactSizeIterator<Item = Pending>,
+    changes: &[Change],
+) -> BatchResults {
+    let n = messages.len();
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
+        tracing::error!(error = %e, messages = n, "store: cannot begin a write transaction");
+        let e = StoreError::from(e);
+        return (vec![Err(e.clone()); n], vec![Err(e); changes.len()]);
+    }
+    let mut results = Vec::with_capacity(n);
+    let mut batch_error = None;
+    for pending in messages {
+        if batch_error.is_some() {
+            results.push(Ok(()));
+            continue;
+        }
+        match insert_one(conn, &pending) {
+            Ok(()) => results.push(Ok(())),
+            Err(Failure::Message(e)) => {
+                tracing::warn!(message_id = %pending.message_id(), error = %e, "store: message not stored");
+                results.push(Err(e));
+            }
+            Err(Failure::Batch(e)) => {
+                results.push(Ok(()));
+                batch_error = Some(e);
+            }
+        }
+        // `pending` (and its content) is dropped here: SQLite has copied it.
+    }
+    let mut change_results = Vec::with_capacity(changes.len());
+    for change in changes {
+        if batch_error.is_some() {
+            change_results.push(Ok(0));
+            continue;
+        }
+        match apply_change(conn, change) {
+            Ok(rows) => change_results.push(Ok(rows)),
+            Err(e) => {
+                change_results.push(Ok(0));
+                batch_error = Some(e);
+            }
+        }
+    }
+    let batch_error = match batch_error {
+        Some(e) => Some(e),
+        None => exec(conn, "COMMIT").err(),
+    };
+    if let Some(e) = batch_error {
+        tracing::error!(error = %e, messages = n, "store: batch not committed");
+        rollback(conn);
+        let e = StoreError::from(e);
+        for result in &mut results {
+            if result.is_ok() {
+                *result = Err(e.clone());
+            }
+        }
+        for result in &mut change_results {
+            *result = Err(e.clone());
+        }
+    }
+    (results, change_results)
+}
+
+fn apply_change(conn: &Connection, change: &Change) -> rusqlite::Result<u64> {
+    match change {
+        Change::Update {
+            updates,
+            only_pending,
+        } => {
+            let mut rows = 0;
+            let mut state = conn.prepare_cached(if *only_pending {
+                "UPDATE recipients SET state = ?3, next_attempt_at = ?4, \
+                 last_reply = COALESCE(?5, last_reply), attempts = attempts + ?6 \
+                 WHERE message_id = ?1 AND idx = ?2 AND state IN ('queued', 'deferred')"
+            } else {
+                "UPDATE recipients SET state = ?3, next_attempt_at = ?4, \
+                 last_reply = COALESCE(?5, last_reply), attempts = attempts + ?6 \
+                 WHERE message_id = ?1 AND idx = ?2"
+            })?;
+            let mut attempt = conn.prepare_cached(
+                "INSERT INTO attempts (message_id, idx, at, outcome, mx_host, ip, tls, code, reply, duration_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            for u in updates {
+                let id = u.message_id.to_string();
+                let changed = state.execute(params![
+                    id,
+                    u.idx,
+                    u.state.as_str(),
+                    u.next_attempt_at,
+                    u.last_reply,
+                    i64::from(u.attempt.is_some()),
+                ])?;
+                rows += changed as u64;
+                if changed > 0
+                    && let Some(a) = &u.attempt
+                {
+                    attempt.execute(params![
+                        id,
+                        u.idx,
+                        a.at,
+                        u.state.as_str(),
+                        a.mx_host,
+                        a.ip,
+                        a.tls,
+                        a.code,
+                        a.reply,
+                        a.duration_ms as i64,
+                    ])?;
+                }
+            }
+            Ok(rows)
+        }
+        Change::Delete(id) => {
+            let rows = conn
+                .prepare_cached("DELETE FROM messages WHERE id = ?1")?
+                .execute(params![id])?;
+            Ok(rows as u64)
+        }
+    }
+}
+
+enum Failure {
+    /// Only this message failed; the transaction goes on without it.
+    Message(StoreError),
+    /// The transaction cannot go on.
+    Batch(rusqlite::Error),
+}
+
+/// Inserts one message inside a savepoint, so a failure half way through its
+/// recipients leaves no trace of it and the rest of the batch still commits.
+fn insert_one(conn: &Connection, pending: &Pending) -> Result<(), Failure> {
+    exec(conn, "SAVEPOINT message").map_err(Failure::Batch)?;
+    match insert_rows(conn, pending) {
+        Ok(()) => exec(conn, "RELEASE message").map_err(Failure::Batch),
+        Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+            exec(conn, "ROLLBACK TO message")
+                .and_then(|()| exec(conn, "RELEASE message"))
+                .map_err(Failure::Batch)?;
+            let primary_key = e
+                .sqlite_error()
+                .is_some_and(|f| f.extended_code == ffi::SQLITE_CONSTRAINT_PRIMARYKEY);
+            Err(Failure::Message(if primary_key {
+                StoreError::DuplicateId(pending.message_id())
+            } else {
+                e.into()
+            }))
+        }
+        Err(e) => Err(Failure::Batch(e)),
+    }
+}
+
+fn insert_rows(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
+    let m = &pending.message;
+    let env = &m.envelope;
+    conn.prepare_cached(
+        "INSERT INTO messages (id, received_at, reverse_path, env_id, ret, body_type, \
+         smtputf8, priority, origin, size, content) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        pending.id,
+        m.received_at,
+        env.reverse_path.as_ref().map(|a| a.as_str()),
+        env.env_id,
+        env.ret.map(|r| r.as_str()),
+        env.body_type.as_str(),
+        env.smtputf8,
+        env.priority,
+        pending.origin,
+        pending.size,
+        m.content.as_slice(),
+    ])?;
+    // New recipients are due at once: next_attempt_at = received_at. Those
+    // kept in the local store are delivered by being stored.
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO recipients (message_id, idx, address, orcpt, notify, next_attempt_at, \
+         state, last_reply) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for (idx, r) in env.recipients.iter().enumerate() {
+        let kept = m.kept_locally.contains(&(idx as u32));
+        insert.execute(params![
+            pending.id,
+            idx,
+            r.address.as_str(),
+            r.orcpt,
+            r.notify.bits(),
+            (!kept).then_some(m.received_at),
+            if kept { "delivered" } else { "queued" },
+            kept.then_some(KEPT_LOCALLY),
+        ])?;
+    }
+    Ok(())
+}
+
+/// The last reply recorded for a recipient kept in the local store.
+pub(crate) const KEPT_LOCALLY: &str = "250 2.0.0 Kept in the local mailbox";
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Some errors (a full disk, an I/O error) make SQLite roll back on its own,
+/// so only roll back when a transaction is still open.
+fn rollback(conn: &Connection) {
+    if !conn.is_autocommit()
+        && let Err(e) = exec(conn, "ROLLBACK")
+    {
+        tracing::error!(error = %e, "store: rollback failed");
+    }
+}
+
+/// Folds the WAL back into the database and truncates it, so a stopped server
+/// leaves one self-contained file. Best effort: a reader holding a snapshot
+/// only means the WAL stays until the next start.
+fn checkpoint(conn: &Connection) {
+    let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+    });
+    match result {
+        Ok((0, _)) => tracing::debug!("store: WAL checkpointed at shutdown"),
+        Ok((_, frames)) => {
+            tracing::debug!(
+                frames,
+                "store: WAL checkpoint at shutdown was blocked by a reader"
+            )
+        }
+        Err(e) => tracing::warn!(error = %e, "store: WAL checkpoint at shutdown failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv6Addr};
+
+    use mailroom_core::{Address, BodyType, Envelope, Notify, Origin, Recipient};
+
+    use super::*;
+
+    fn message() -> NewMessage {
+        NewMessage {
+            id: MessageId::new(),
+            received_at: 1,
+            envelope: Envelope {
+                reverse_path: None,
+                recipients: vec![Recipient {
+                    address: Address::parse("a@example.test").unwrap(),
+                    orcpt: None,
+                    notify: Notify::empty(),
+                }],
+                env_id: None,
+                ret: None,
+                body_type: BodyType::SevenBit,
+                smtputf8: false,
+                priority: 0,
+            },
+            origin: Origin {
+                protocol: "http".into(),
+                remote_ip: Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+                helo: None,
+                auth_user: None,
+                tls: None,
+            },
+            content: b"x".to_vec(),
+            kept_locally: Vec::new(),
+        }
+    }
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_duplicate_in_a_batch_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let stored = message();
+        let results = write_batch(&conn, [Pending::new(stored.clone()).unwrap()].into_iter());
+        assert!(matches!(results[..], [Ok(())]));
+
+        let mut duplicate = stored.clone();
+        duplicate
+            .envelope
+            .recipients
+            .push(duplicate.envelope.recipients[0].clone());
+        let batch = [message(), duplicate, message()]
+            .into_iter()
+            .map(|m| Pending::new(m).unwrap())
+            .collect::<Vec<_>>();
+        let results = write_batch(&conn, batch.into_iter());
+        assert!(matches!(
+            results[..],
+            [Ok(()), Err(StoreError::DuplicateId(id)), Ok(())] if id == stored.id
+        ));
+        assert_eq!(count(&conn, "messages"), 3);
+        // The duplicate's extra recipient was not added to the stored message.
+        assert_eq!(count(&conn, "recipients"), 3);
+        assert!(conn.is_autocommit());
+    }
+
+    #[test]
+    fn a_failed_commit_fails_every_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        // A read-only connection makes every insert fail the way a broken disk would.
+        conn.pragma_update(None, "query_only", true).unwrap();
+        let batch = [message(), message()]
+            .into_iter()
+            .map(|m| Pending::new(m).unwrap())
+            .collect::<Vec<_>>();
+        let results = write_batch(&conn, batch.into_iter());
+        assert_eq!(results.len(), 2);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Sqlite(_))))
+        );
+        assert!(conn.is_autocommit());
+        conn.pragma_update(None, "query_only", false).unwrap();
+        assert_eq!(count(&conn, "messages"), 0);
+    }
+}
