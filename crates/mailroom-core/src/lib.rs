@@ -16,6 +16,6 @@ pub mod time;
 
 pub use address::{Address, AddressError};
 pub use envelope::{BodyType, Envelope, Notify, Recipient, Ret};
-pub use intake::{Intake, IntakeError};
+pub use intake::{AuthAttempt, Intake, IntakeError, Receipt, SessionFacts};
 pub use message::{MessageId, NewMessage, Origin};
 pub use reply::Reply;

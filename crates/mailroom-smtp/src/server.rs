@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mailroom_core::Intake;
 use mailroom_core::config::TlsMode;
+use mailroom_core::{Intake, SessionFacts};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -66,6 +66,8 @@ struct Shared<I> {
     phase: watch::Receiver<Phase>,
     sessions: SessionCount,
     next_session_id: AtomicU64,
+    /// Capture mode: sessions record AUTH instead of checking it.
+    capture: bool,
 }
 
 /// Drives the server's shutdown from the binary.
@@ -81,6 +83,27 @@ impl<I: Intake> SmtpServer<I> {
         credentials: Credentials,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> (Self, ShutdownHandle) {
+        Self::build(settings, intake, credentials, tls, false)
+    }
+
+    /// A server for `mailroom capture`: every AUTH is accepted and recorded
+    /// (see [`Session::new_capture`]) and handed to the intake with the
+    /// message.
+    pub fn capture(
+        settings: ServerSettings,
+        intake: Arc<I>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> (Self, ShutdownHandle) {
+        Self::build(settings, intake, Credentials::new(&[]), tls, true)
+    }
+
+    fn build(
+        settings: ServerSettings,
+        intake: Arc<I>,
+        credentials: Credentials,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        capture: bool,
+    ) -> (Self, ShutdownHandle) {
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         let sessions = SessionCount::default();
         let limits =
@@ -95,6 +118,7 @@ impl<I: Intake> SmtpServer<I> {
                 phase: phase_rx,
                 sessions: sessions.clone(),
                 next_session_id: AtomicU64::new(1),
+                capture,
             }),
         };
         (
@@ -186,8 +210,12 @@ async fn connection<I: Intake>(
         (Conn::Plain(stream), None)
     };
     debug!("connected");
-    let session = Session::new(config, peer.ip(), tls);
-    drive(shared, conn, session).await
+    let session = if shared.capture {
+        Session::new_capture(config, peer.ip(), tls)
+    } else {
+        Session::new(config, peer.ip(), tls)
+    };
+    drive(shared, conn, session, peer).await
 }
 
 async fn handshake(
@@ -212,6 +240,7 @@ async fn drive<I: Intake>(
     shared: &Shared<I>,
     mut conn: Conn,
     mut session: Session,
+    peer: SocketAddr,
 ) -> io::Result<()> {
     let mut phase = shared.phase.clone();
     let mut input: Vec<u8> = Vec::new();
@@ -236,12 +265,20 @@ async fn drive<I: Intake>(
                     let id = message.id;
                     let recipients = message.envelope.recipients.len();
                     let size = message.content.len();
-                    let result = shared.intake.submit(*message).await;
-                    match &result {
-                        Ok(()) => info!(message_id = %id, recipients, size, "queued"),
-                        Err(err) => warn!(message_id = %id, error = %err, "not queued"),
+                    let facts = SessionFacts {
+                        remote_addr: Some(peer),
+                        auth_attempt: session.auth_attempt().cloned(),
+                    };
+                    match shared.intake.accept(*message, facts).await {
+                        Ok(receipt) => {
+                            info!(message_id = %id, recipients, size, "queued");
+                            session.accepted(id, receipt);
+                        }
+                        Err(err) => {
+                            warn!(message_id = %id, error = %err, "not queued");
+                            session.queued(id, Err(()));
+                        }
                     }
-                    session.queued(id, result.map_err(|_| ()));
                 }
                 Some(Event::StartTls) => {
                     write_output(&mut conn, &mut session, shared.settings.command_timeout).await?;

@@ -17,7 +17,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use mailroom_core::config::{Cidr, Role, TlsMode};
 use mailroom_core::reply::{self, Enhanced, Reply};
 use mailroom_core::{
-    Address, BodyType, Envelope, MessageId, NewMessage, Notify, Origin, Recipient, Ret,
+    Address, AuthAttempt, BodyType, Envelope, MessageId, NewMessage, Notify, Origin, Receipt,
+    Recipient, Ret,
 };
 use smtp_proto::request::receiver::{BdatReceiver, DataReceiver, DummyDataReceiver};
 use smtp_proto::{Error as ParseError, MailFrom, RcptTo, Request};
@@ -115,6 +116,8 @@ enum AuthStep {
     LoginUser,
     /// `AUTH LOGIN`; waiting for the password.
     LoginPassword { username: String },
+    /// `AUTH CRAM-MD5` (capture mode only); waiting for `user digest`.
+    CramMd5,
 }
 
 enum State {
@@ -163,6 +166,11 @@ pub struct Session {
     output: Vec<u8>,
     /// A command line split across reads.
     line: Vec<u8>,
+    /// Capture mode: every AUTH succeeds and is recorded, any recipient is
+    /// accepted (a developer's mail catcher, never facing the internet).
+    capture: bool,
+    /// The last AUTH exchange, kept in capture mode only.
+    auth_attempt: Option<AuthAttempt>,
 }
 
 impl Session {
@@ -180,11 +188,31 @@ impl Session {
             errors: 0,
             output: Vec::with_capacity(256),
             line: Vec::new(),
+            capture: false,
+            auth_attempt: None,
             config,
         };
         let greeting = format!("{} ESMTP mailroom", session.config.hostname);
         session.reply(Reply::plain(220, greeting));
         session
+    }
+
+    /// A capture-mode session: AUTH PLAIN, LOGIN and CRAM-MD5 always
+    /// answer `235` without an [`Event::Authenticate`] and are recorded
+    /// (see [`Session::auth_attempt`]); no relay checks, no AUTH required.
+    pub fn new_capture(
+        config: Arc<SessionConfig>,
+        remote_ip: IpAddr,
+        tls: Option<TlsInfo>,
+    ) -> Self {
+        let mut session = Session::new(config, remote_ip, tls);
+        session.capture = true;
+        session
+    }
+
+    /// The last AUTH exchange of a capture-mode session.
+    pub fn auth_attempt(&self) -> Option<&AuthAttempt> {
+        self.auth_attempt.as_ref()
     }
 
     /// Replies not yet written to the client.
@@ -472,18 +500,26 @@ impl Session {
     }
 
     fn auth_offered(&self) -> bool {
-        self.auth_user.is_none() && (self.tls.is_some() || self.config.allow_insecure_auth)
+        self.auth_user.is_none()
+            && (self.tls.is_some() || self.config.allow_insecure_auth || self.capture)
     }
 
     fn ehlo_reply(&self) -> Reply {
+        // `SIZE 0` is RFC 1870's "no fixed limit" (capture mode's 0 = unlimited).
+        let size = match self.config.max_message_size {
+            usize::MAX => 0,
+            n => n,
+        };
         let mut text = format!(
-            "{} Hello {}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING\nDSN\nMT-PRIORITY MIXER",
-            self.config.hostname, self.remote_ip, self.config.max_message_size
+            "{} Hello {}\nPIPELINING\nSIZE {size}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING\nDSN\nMT-PRIORITY MIXER",
+            self.config.hostname, self.remote_ip
         );
         if self.starttls_offered() {
             text.push_str("\nSTARTTLS");
         }
-        if self.auth_offered() {
+        if self.auth_offered() && self.capture {
+            text.push_str("\nAUTH PLAIN LOGIN CRAM-MD5");
+        } else if self.auth_offered() {
             text.push_str("\nAUTH PLAIN LOGIN");
         }
         text.push_str("\nHELP");
@@ -497,7 +533,7 @@ impl Session {
         if self.transaction.is_some() {
             return self.reply(reply::NESTED_MAIL);
         }
-        if self.config.role == Role::Submission && self.auth_user.is_none() {
+        if self.config.role == Role::Submission && self.auth_user.is_none() && !self.capture {
             return self.reply(reply::AUTH_REQUIRED);
         }
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
@@ -594,7 +630,8 @@ impl Session {
         if !address.is_ascii() && !tx.smtputf8 {
             return self.reply(reply::UTF8_RECIPIENT);
         }
-        let trusted = self.auth_user.is_some()
+        let trusted = self.capture
+            || self.auth_user.is_some()
             || self
                 .config
                 .relay_networks
@@ -764,6 +801,19 @@ impl Session {
         Some(Event::Submit(Box::new(message)))
     }
 
+    /// The driver's answer to [`Event::Submit`] when the intake gave a
+    /// [`Receipt`]: `Close` answers `250`, then `221`, and ends the session.
+    pub fn accepted(&mut self, id: MessageId, receipt: Receipt) {
+        if !matches!(self.state, State::Pending(PendingKind::Queue)) {
+            return;
+        }
+        self.queued(id, Ok(()));
+        if receipt == Receipt::Close {
+            self.reply(reply::BYE);
+            self.state = State::Closed;
+        }
+    }
+
     /// The driver's answer to [`Event::Submit`].
     pub fn queued(&mut self, id: MessageId, result: Result<(), ()>) {
         if !matches!(self.state, State::Pending(PendingKind::Queue)) {
@@ -804,6 +854,7 @@ impl Session {
         self.tls = Some(info);
         self.helo = None;
         self.auth_user = None;
+        self.auth_attempt = None;
         self.transaction = None;
         self.line.clear();
         self.state = State::Command;
@@ -822,12 +873,26 @@ impl Session {
             self.reply(reply::AUTH_IN_TRANSACTION);
             return None;
         }
-        if mechanism != smtp_proto::AUTH_PLAIN && mechanism != smtp_proto::AUTH_LOGIN {
+        let cram = mechanism == smtp_proto::AUTH_CRAM_MD5 && self.capture;
+        if mechanism != smtp_proto::AUTH_PLAIN && mechanism != smtp_proto::AUTH_LOGIN && !cram {
             self.reply(reply::AUTH_UNSUPPORTED);
             return None;
         }
         if !self.auth_offered() {
             self.reply(reply::ENCRYPTION_REQUIRED);
+            return None;
+        }
+        if cram {
+            // RFC 2195: the challenge is a unique msg-id-like string. Its
+            // uniqueness is all that matters here, since capture mode
+            // records the digest without checking it.
+            let challenge = format!(
+                "<{}@{}>",
+                MessageId::new().as_uuid().simple(),
+                self.config.hostname
+            );
+            self.reply(Reply::plain(334, BASE64.encode(challenge)));
+            self.state = State::Auth(AuthStep::CramMd5);
             return None;
         }
         let plain = mechanism == smtp_proto::AUTH_PLAIN;
@@ -872,9 +937,26 @@ impl Session {
                     None
                 }
             },
+            AuthStep::CramMd5 => {
+                let Some(decoded) = decode_base64(line) else {
+                    self.reply(reply::BAD_BASE64);
+                    return None;
+                };
+                // `username SP digest`; the username may itself hold spaces.
+                let text = String::from_utf8_lossy(&decoded).into_owned();
+                match text.rsplit_once(' ') {
+                    Some((user, digest)) if !user.is_empty() => {
+                        self.authenticate("CRAM-MD5", user.to_owned(), digest.to_owned())
+                    }
+                    _ => {
+                        self.reply(reply::AUTH_FAILED);
+                        None
+                    }
+                }
+            }
             AuthStep::LoginPassword { username } => match decode_base64(line) {
                 Some(password) => match String::from_utf8(password) {
-                    Ok(password) => self.authenticate(username, password),
+                    Ok(password) => self.authenticate("LOGIN", username, password),
                     Err(_) => {
                         self.reply(reply::AUTH_FAILED);
                         None
@@ -916,7 +998,7 @@ impl Session {
             String::from_utf8(authcid.to_vec()),
             String::from_utf8(passwd.to_vec()),
         ) {
-            (Ok(username), Ok(password)) => self.authenticate(username, password),
+            (Ok(username), Ok(password)) => self.authenticate("PLAIN", username, password),
             _ => {
                 self.reply(reply::AUTH_FAILED);
                 None
@@ -924,7 +1006,24 @@ impl Session {
         }
     }
 
-    fn authenticate(&mut self, username: String, password: String) -> Option<Event> {
+    fn authenticate(
+        &mut self,
+        mechanism: &'static str,
+        username: String,
+        password: String,
+    ) -> Option<Event> {
+        if self.capture {
+            // Recorded, never checked: the client under test gets the
+            // answer a correct login would get.
+            self.auth_user = Some(username.clone());
+            self.auth_attempt = Some(AuthAttempt {
+                mechanism: mechanism.into(),
+                username,
+                password,
+            });
+            self.reply(reply::AUTH_OK);
+            return None;
+        }
         self.auth_candidate = Some(username.clone());
         self.state = State::Pending(PendingKind::Auth);
         Some(Event::Authenticate { username, password })
