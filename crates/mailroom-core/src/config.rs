@@ -36,6 +36,8 @@ pub struct Config {
     pub dns: DnsConfig,
     pub delivery: DeliveryConfig,
     pub log: LogConfig,
+    /// `mailroom capture`, the developer's mail catcher; `serve` ignores it.
+    pub capture: CaptureConfig,
 }
 
 impl Default for Config {
@@ -52,6 +54,7 @@ impl Default for Config {
             dns: DnsConfig::default(),
             delivery: DeliveryConfig::default(),
             log: LogConfig::default(),
+            capture: CaptureConfig::default(),
         }
     }
 }
@@ -440,6 +443,184 @@ impl Default for LogConfig {
     }
 }
 
+/// `[capture]`: everything `mailroom capture` uses besides `hostname`.
+/// Capture mode accepts any mail and any login: it must never face the
+/// internet, hence loopback addresses by default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// SMTP listener (`--smtp`).
+    pub smtp: SocketAddr,
+    /// Web UI and JSON API (`--http`).
+    pub http: SocketAddr,
+    /// Largest message accepted, in octets; 0 means no limit.
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    /// Waiting for the client to send, and for it to take our replies.
+    #[serde(with = "crate::duration")]
+    pub timeout: Duration,
+    /// Put the whole message in the event's `message.raw`.
+    pub include_raw: bool,
+    /// `memory` (base64 in the event) or `tempfile` (a path in the event).
+    pub attachments: AttachmentMode,
+    /// Where `tempfile` attachments go; absent: the system temp directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temp_dir: Option<PathBuf>,
+    /// How long `tempfile` attachments live.
+    #[serde(with = "crate::duration")]
+    pub cleanup_after: Duration,
+    /// Messages kept in the inbox; the oldest go first.
+    pub max_messages: usize,
+    /// Messages older than this leave the inbox; 0s keeps them.
+    #[serde(with = "crate::duration")]
+    pub max_age: Duration,
+    pub workers: CaptureWorkers,
+    pub webhook: CaptureWebhook,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            smtp: SocketAddr::from(([127, 0, 0, 1], 1025)),
+            http: SocketAddr::from(([127, 0, 0, 1], 8025)),
+            max_message_size: 10 * 1024 * 1024,
+            max_recipients: 100,
+            timeout: Duration::from_secs(60),
+            include_raw: false,
+            attachments: AttachmentMode::Memory,
+            temp_dir: None,
+            cleanup_after: Duration::from_secs(3600),
+            max_messages: 10_000,
+            max_age: Duration::ZERO,
+            workers: CaptureWorkers::default(),
+            webhook: CaptureWebhook::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachmentMode {
+    Memory,
+    Tempfile,
+}
+
+/// How events travel to and from a worker process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerCodec {
+    /// One JSON event per line in; `CONTINUE` or `CLOSE` per line back.
+    Jsonl,
+    /// RoadRunner's goridge frames, so a RoadRunner PHP worker serves it.
+    Goridge,
+}
+
+/// `[capture.workers]`: a pool of processes that each message is handed to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureWorkers {
+    /// Program and arguments; empty: no workers.
+    pub command: Vec<String>,
+    pub codec: WorkerCodec,
+    pub num_workers: usize,
+    /// Messages a worker handles before it is replaced; 0: never.
+    pub max_jobs: u64,
+    /// Longest an SMTP session waits for a free worker (or a new one to
+    /// start) before it gets `451`.
+    #[serde(with = "crate::duration")]
+    pub allocate_timeout: Duration,
+    /// Longest a worker is given to stop before it is killed.
+    #[serde(with = "crate::duration")]
+    pub destroy_timeout: Duration,
+    /// Longest a worker may take over one message.
+    #[serde(with = "crate::duration")]
+    pub exec_timeout: Duration,
+}
+
+impl Default for CaptureWorkers {
+    fn default() -> Self {
+        CaptureWorkers {
+            command: Vec::new(),
+            codec: WorkerCodec::Jsonl,
+            num_workers: 2,
+            max_jobs: 0,
+            allocate_timeout: Duration::from_secs(60),
+            destroy_timeout: Duration::from_secs(5),
+            exec_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[capture.webhook]`: POST each event to a URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureWebhook {
+    /// `http://host:port/path`; empty: no webhook.
+    pub url: String,
+    /// Further tries after a failed POST, with doubling pauses.
+    pub retries: u32,
+    #[serde(with = "crate::duration")]
+    pub timeout: Duration,
+}
+
+impl Default for CaptureWebhook {
+    fn default() -> Self {
+        CaptureWebhook {
+            url: String::new(),
+            retries: 3,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// What serde cannot check about `[capture]`.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        if self.smtp == self.http {
+            return Err(invalid("capture.http", "must differ from capture.smtp"));
+        }
+        for (key, value) in [
+            ("capture.max_recipients", self.max_recipients),
+            ("capture.max_messages", self.max_messages),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err(invalid("capture.timeout", "must be longer than 0s"));
+        }
+        let w = &self.workers;
+        if !w.command.is_empty() {
+            if w.command[0].is_empty() {
+                return Err(invalid("capture.workers.command", "the program is empty"));
+            }
+            if w.num_workers == 0 {
+                return Err(invalid(
+                    "capture.workers.num_workers",
+                    "must be greater than 0",
+                ));
+            }
+            for (key, value) in [
+                ("capture.workers.allocate_timeout", w.allocate_timeout),
+                ("capture.workers.exec_timeout", w.exec_timeout),
+            ] {
+                if value.is_zero() {
+                    return Err(invalid(key, "must be longer than 0s"));
+                }
+            }
+        }
+        let url = &self.webhook.url;
+        if !url.is_empty() && !url.starts_with("http://") {
+            return Err(invalid(
+                "capture.webhook.url",
+                "must be an http:// URL (capture mode talks to local services)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A configuration that parsed but makes no sense, naming the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {message}")]
@@ -584,6 +765,7 @@ impl Config {
                 ));
             }
         }
+        self.capture.validate()?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! The `mailroom` binary: command line, wiring and signal handling. Thin by
 //! design: the work happens in the library crates.
 
+mod capture;
 mod config_file;
 mod control;
 mod queue;
@@ -28,6 +29,20 @@ enum Command {
         /// TOML, YAML or JSON config file.
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Run capture mode: a mail catcher for development that accepts every
+    /// message, shows it in a web UI and hands it to workers. Never expose
+    /// it to the internet.
+    Capture {
+        /// TOML, YAML or JSON config file (its `[capture]` section).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// SMTP address (default 127.0.0.1:1025).
+        #[arg(long)]
+        smtp: Option<std::net::SocketAddr>,
+        /// Web UI and API address (default 127.0.0.1:8025).
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
     },
     /// Work with configuration files.
     Config {
@@ -96,6 +111,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => load(config.as_deref()).and_then(serve::run),
+        Command::Capture { config, smtp, http } => {
+            load(config.as_deref()).and_then(|config| capture::run(config, smtp, http))
+        }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
