@@ -35,6 +35,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub dns: DnsConfig,
     pub delivery: DeliveryConfig,
+    pub http: HttpConfig,
     pub log: LogConfig,
     /// `mailroom capture`, the developer's mail catcher; `serve` ignores it.
     pub capture: CaptureConfig,
@@ -53,6 +54,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             dns: DnsConfig::default(),
             delivery: DeliveryConfig::default(),
+            http: HttpConfig::default(),
             log: LogConfig::default(),
             capture: CaptureConfig::default(),
         }
@@ -262,6 +264,34 @@ impl Default for StoreConfig {
             backend: StoreBackend::Sqlite,
             url: None,
             max_batch: 512,
+        }
+    }
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where the API listens; absent: no HTTP API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<SocketAddr>,
+    /// The operator's key: manages every account. Absent: only account keys
+    /// work, and accounts are made with `mailroom account create`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_key: Option<String>,
+    /// Largest request body in octets (a 25 MiB message is ~34 MiB in base64).
+    pub max_body_size: usize,
+    /// Origins a browser may call the API from (`*` for any); empty: no CORS.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            admin_key: None,
+            max_body_size: 40 * 1024 * 1024,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -702,6 +732,17 @@ impl Config {
                     "must be an argon2 hash (see `mailroom hash-password`)",
                 ));
             }
+        }
+        if self.http.max_body_size == 0 {
+            return Err(invalid("http.max_body_size", "must be greater than 0"));
+        }
+        if let Some(key) = &self.http.admin_key
+            && key.len() < 16
+        {
+            return Err(invalid(
+                "http.admin_key",
+                "must be at least 16 characters (it guards every account)",
+            ));
         }
         if self.dns.timeout.is_zero() {
             return Err(invalid("dns.timeout", "must be longer than 0s"));

@@ -17,5 +17,5 @@ pub mod time;
 pub use address::{Address, AddressError};
 pub use envelope::{BodyType, Envelope, Notify, Recipient, Ret};
 pub use intake::{AuthAttempt, Intake, IntakeError, Receipt, SessionFacts};
-pub use message::{MessageId, NewMessage, Origin};
+pub use message::{IdempotencyRecord, MessageId, MessageMeta, NewMessage, Origin};
 pub use reply::Reply;

@@ -111,4 +111,36 @@ pub struct NewMessage {
     /// local domains): their delivery is done when the message is stored.
     /// Decided by the router at intake; empty from the front doors.
     pub kept_locally: Vec<u32>,
+    /// Who sent it and how they labelled it; empty for anonymous SMTP mail.
+    pub meta: MessageMeta,
+}
+
+/// What a tenant's submission carries besides the envelope and content.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageMeta {
+    /// The account that submitted the message, if any.
+    pub account: Option<String>,
+    /// Free labels for filtering and routing (`tags` in the API).
+    pub tags: Vec<String>,
+    /// Free key-value pairs, returned as given and usable by routing rules.
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Unix milliseconds before which no delivery is attempted (`send_at`).
+    pub not_before: Option<i64>,
+    /// Committed in the same transaction as the message, so a replayed
+    /// request finds it exactly when the message exists.
+    pub idempotency: Option<IdempotencyRecord>,
+}
+
+/// The first answer to a request made with an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    /// Whose key it is: an account id, or `admin`.
+    pub scope: String,
+    pub key: String,
+    /// SHA-256 of the request body, hex: the same key with another body is
+    /// a conflict, not a replay.
+    pub request_hash: String,
+    pub status: u16,
+    /// The response body as sent the first time.
+    pub response: String,
 }

@@ -735,6 +735,7 @@ fn report_message(
         },
         content,
         kept_locally: Vec::new(),
+        meta: Default::default(),
     })
 }
 
@@ -750,7 +751,10 @@ pub fn entries_of(message: &NewMessage) -> Vec<Entry> {
             message_id: message.id,
             idx: idx as u32,
             domain: r.address.domain().to_ascii_lowercase(),
-            due: message.received_at,
+            due: message
+                .meta
+                .not_before
+                .map_or(message.received_at, |t| t.max(message.received_at)),
             priority: message.envelope.priority,
         })
         .collect()

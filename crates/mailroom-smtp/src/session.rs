@@ -796,6 +796,7 @@ impl Session {
             },
             content: tx.content,
             kept_locally: Vec::new(),
+            meta: Default::default(),
         };
         self.state = State::Pending(PendingKind::Queue);
         Some(Event::Submit(Box::new(message)))

@@ -46,6 +46,7 @@ fn message(content: &[u8]) -> NewMessage {
         },
         content: content.to_vec(),
         kept_locally: Vec::new(),
+        meta: Default::default(),
     }
 }
 

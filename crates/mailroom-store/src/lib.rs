@@ -15,10 +15,15 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use mailroom_core::{Envelope, MessageId, NewMessage, Origin, Recipient};
+use mailroom_core::{Envelope, MessageId, MessageMeta, NewMessage, Origin, Recipient};
 
+pub mod directory;
 pub mod sqlite;
 
+pub use directory::{
+    Account, AccountStats, AccountStatus, ApiKey, IdempotencyHit, NewAccount, NewApiKey,
+    STATS_WINDOWS,
+};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Why the store could not do what was asked.
@@ -38,6 +43,13 @@ pub enum StoreError {
     /// A row that this build cannot read back; names the table and column.
     #[error("corrupt data in the store: {0}")]
     Corrupt(String),
+    /// Another message already holds this idempotency key; this one was not
+    /// stored.
+    #[error("the idempotency key is already used")]
+    IdempotencyKeyTaken,
+    /// A write broke a uniqueness rule (a name already taken, say).
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// A message with this id is already stored; the new one was not.
     #[error("a message with id {0} is already stored")]
     DuplicateId(MessageId),
@@ -149,6 +161,8 @@ pub struct StoredMessage {
     pub content: Vec<u8>,
     /// Delivery state, in the same order as `envelope.recipients`.
     pub recipients: Vec<StoredRecipient>,
+    /// Account, tags and metadata (never the idempotency record).
+    pub meta: MessageMeta,
 }
 
 /// One line of a queue listing; no content.
@@ -166,6 +180,8 @@ pub struct MessageSummary {
     /// when every recipient is; failed ranks before delivered so a partly
     /// failed message shows up as failed.
     pub state: RecipientState,
+    pub account: Option<String>,
+    pub tags: Vec<String>,
 }
 
 /// Which messages [`Store::list`] returns, newest first.
@@ -178,6 +194,12 @@ pub struct ListQuery {
     /// Only messages older than this one (ids are UUIDv7 and sort by time):
     /// pass the last id of a page to get the next page.
     pub before: Option<MessageId>,
+    /// Only this account's messages.
+    pub account: Option<String>,
+    /// Only messages carrying this tag.
+    pub tag: Option<String>,
+    /// Only messages received at or after this unix millisecond.
+    pub since: Option<i64>,
 }
 
 impl Default for ListQuery {
@@ -186,6 +208,9 @@ impl Default for ListQuery {
             state: None,
             limit: 100,
             before: None,
+            account: None,
+            tag: None,
+            since: None,
         }
     }
 }

@@ -51,6 +51,7 @@ fn message(recipients: &[&str]) -> NewMessage {
         },
         content: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
         kept_locally: Vec::new(),
+        meta: Default::default(),
     }
 }
 
@@ -210,6 +211,7 @@ async fn list_filters_limits_and_pages() {
                 state: None,
                 limit: 2,
                 before,
+                ..ListQuery::default()
             })
             .unwrap()
             .iter()
@@ -235,6 +237,7 @@ async fn list_filters_limits_and_pages() {
                 state: Some(state),
                 limit: 10,
                 before: None,
+                ..ListQuery::default()
             })
             .unwrap()
             .iter()
@@ -253,6 +256,7 @@ async fn list_filters_limits_and_pages() {
             state: Some(Queued),
             limit: 1,
             before: Some(ids[4]),
+            ..ListQuery::default()
         })
         .unwrap();
     assert_eq!(filtered_page.len(), 1);
@@ -339,7 +343,7 @@ async fn opening_twice_does_not_migrate_twice() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let mode: String = conn
         .pragma_query_value(None, "journal_mode", |r| r.get(0))
         .unwrap();
@@ -569,4 +573,52 @@ async fn recipients_kept_locally_are_delivered_on_arrival() {
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].idx, 1);
     store.close().await;
+}
+
+#[tokio::test]
+async fn tenant_meta_round_trips_and_idempotency_keys_are_claimed_once() {
+    use mailroom_core::{IdempotencyRecord, MessageMeta};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&db(&dir));
+    let record = |hash: &str| IdempotencyRecord {
+        scope: "acct".into(),
+        key: "k1".into(),
+        request_hash: hash.into(),
+        status: 202,
+        response: "{}".into(),
+    };
+    let mut first = message(&["a@example.test"]);
+    first.meta = MessageMeta {
+        account: Some("acct".into()),
+        tags: vec!["welcome".into()],
+        metadata: [("user".to_owned(), "42".to_owned())].into(),
+        not_before: Some(first.received_at + 60_000),
+        idempotency: Some(record("h1")),
+    };
+    let mut second = message(&["b@example.test"]);
+    second.meta.idempotency = Some(record("h2"));
+    // Both in flight at once: one commit, one key, one winner.
+    let (a, b) = tokio::join!(store.enqueue(first.clone()), store.enqueue(second.clone()));
+    a.unwrap();
+    assert!(matches!(b, Err(StoreError::IdempotencyKeyTaken)), "{b:?}");
+    assert!(store.get(&second.id).unwrap().is_none());
+
+    let got = store.get(&first.id).unwrap().unwrap();
+    assert_eq!(got.meta.account.as_deref(), Some("acct"));
+    assert_eq!(got.meta.tags, ["welcome"]);
+    assert_eq!(got.meta.metadata["user"], "42");
+    assert_eq!(got.recipients[0].next_attempt_at, first.meta.not_before);
+    let hit = store.idempotency("acct", "k1").unwrap().unwrap();
+    assert_eq!(hit.request_hash, "h1");
+    assert!(store.idempotency("other", "k1").unwrap().is_none());
+    let listed = store
+        .list(&ListQuery {
+            account: Some("acct".into()),
+            tag: Some("welcome".into()),
+            ..ListQuery::default()
+        })
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(store.expire_idempotency_keys(i64::MAX).await.unwrap(), 1);
+    assert!(store.idempotency("acct", "k1").unwrap().is_none());
 }

@@ -38,7 +38,7 @@ pub fn run(config: &Config, command: QueueCommand) -> anyhow::Result<()> {
             let list = store.list(&ListQuery {
                 state,
                 limit,
-                before: None,
+                ..ListQuery::default()
             })?;
             println!(
                 "{:<36}  {:<20}  {:<9}  {:>5}  {:>9}  FROM",

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mailroom_core::config::{Config, LogFormat, TlsMode};
-use mailroom_core::{Intake, IntakeError, NewMessage};
+use mailroom_core::{Intake, IntakeError, MessageId, NewMessage};
 use mailroom_delivery::connection::ClientOptions;
 use mailroom_delivery::dns::MxResolver;
 use mailroom_delivery::engine::{Engine, entries_of};
 use mailroom_delivery::scheduler::Scheduler;
 use mailroom_smtp::{Credentials, ServerSettings, SessionConfig, SmtpServer};
-use mailroom_store::{SqliteOptions, SqliteStore};
+use mailroom_store::{SqliteOptions, SqliteStore, Store, StoreError};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -123,6 +123,41 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         engine,
     });
+    let http = match config.http.addr {
+        Some(addr) => {
+            let listener =
+                listen(addr).with_context(|| format!("cannot listen on {addr} (http.addr)"))?;
+            let settings = mailroom_api::ApiSettings {
+                hostname: config.hostname.clone(),
+                admin_key: config.http.admin_key.clone(),
+                max_body_size: config.http.max_body_size,
+                max_message_size: config.smtp.max_message_size,
+                max_recipients: config.smtp.max_recipients,
+                cors_origins: config.http.cors_origins.clone(),
+            };
+            let state = mailroom_api::state(store.clone(), intake.clone(), settings)
+                .context("cannot load accounts and API keys")?;
+            if config.http.admin_key.is_none() {
+                info!("no http.admin_key: only account keys are accepted");
+            }
+            info!(addr = %addr, "HTTP API listening");
+            tokio::spawn(mailroom_api::flush_key_use(state.clone()));
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let app = mailroom_api::router(state);
+            let task = tokio::spawn(async move {
+                let result = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
+                if let Err(e) = result {
+                    warn!(error = %e, "HTTP server failed");
+                }
+            });
+            Some((stop, task))
+        }
+        None => None,
+    };
     let (server, shutdown) = SmtpServer::new(settings, intake, credentials, tls);
     for (listener, l) in listeners {
         let session = Arc::new(SessionConfig {
@@ -148,7 +183,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         grace = ?config.shutdown_timeout,
         "shutting down: no new connections; open transactions may finish"
     );
+    // The API stops taking connections with SMTP; requests in progress
+    // finish (their 202s wait for the store, which is still open).
+    let http_done = http.map(|(stop, task)| {
+        let _ = stop.send(());
+        task
+    });
     let cut = shutdown.shutdown(config.shutdown_timeout).await;
+    if let Some(task) = http_done
+        && tokio::time::timeout(config.shutdown_timeout, task)
+            .await
+            .is_err()
+    {
+        warn!("HTTP requests still running were cut off");
+    }
     if cut > 0 {
         warn!(
             sessions = cut,
@@ -174,6 +222,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 struct QueueIntake {
     store: SqliteStore,
     engine: Engine<SqliteStore>,
+}
+
+impl mailroom_api::Queue for QueueIntake {
+    fn submit(
+        &self,
+        mut message: NewMessage,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>> {
+        Box::pin(async move {
+            self.engine.route_locally(&mut message);
+            let entries = entries_of(&message);
+            self.store.enqueue(message).await?;
+            self.engine.schedule(entries);
+            Ok(())
+        })
+    }
+
+    fn reschedule(&self, id: &MessageId) {
+        if let Err(e) = self.engine.reschedule(id) {
+            warn!(message_id = %id, error = %e, "cannot reschedule");
+        }
+    }
 }
 
 impl Intake for QueueIntake {

@@ -754,6 +754,7 @@ pub fn message(from: Option<&str>, to: &[&str], content: &[u8]) -> NewMessage {
         },
         content: content.to_vec(),
         kept_locally: Vec::new(),
+        meta: Default::default(),
     }
 }
 

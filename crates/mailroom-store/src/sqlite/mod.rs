@@ -8,6 +8,7 @@
 //! This backend assumes it is the only writer of its file. Several nodes
 //! sharing one queue is the postgres backend's job.
 
+mod directory;
 mod read;
 mod schema;
 mod writer;

@@ -6,7 +6,9 @@
 
 use std::str::FromStr;
 
-use mailroom_core::{Address, BodyType, Envelope, MessageId, Notify, Origin, Recipient, Ret};
+use mailroom_core::{
+    Address, BodyType, Envelope, MessageId, MessageMeta, Notify, Origin, Recipient, Ret,
+};
 use rusqlite::types::{FromSql, Value};
 use rusqlite::{Connection, Row, params_from_iter};
 
@@ -26,7 +28,7 @@ pub(crate) fn get(
     let message = {
         let mut stmt = tx.prepare_cached(
             "SELECT received_at, reverse_path, env_id, ret, body_type, smtputf8, priority, \
-             origin, size, content FROM messages WHERE id = ?1",
+             origin, size, content, account_id, tags, metadata FROM messages WHERE id = ?1",
         )?;
         let mut rows = stmt.query([&id_text])?;
         match rows.next()? {
@@ -56,6 +58,7 @@ pub(crate) fn get(
         origin,
         size,
         content,
+        meta,
     } = message;
     envelope.recipients = recipients;
     Ok(Some(StoredMessage {
@@ -66,6 +69,7 @@ pub(crate) fn get(
         size,
         content,
         recipients: stored,
+        meta,
     }))
 }
 
@@ -75,6 +79,7 @@ struct MessageRow {
     origin: Origin,
     size: u64,
     content: Vec<u8>,
+    meta: MessageMeta,
 }
 
 fn message_row(id: MessageId, row: &Row<'_>) -> Result<MessageRow, StoreError> {
@@ -116,7 +121,27 @@ fn message_row(id: MessageId, row: &Row<'_>) -> Result<MessageRow, StoreError> {
         origin,
         size,
         content: column(row, 9, "messages.content")?,
+        meta: MessageMeta {
+            account: column(row, 10, "messages.account_id")?,
+            tags: json_column(row, 11, "messages.tags")?.unwrap_or_default(),
+            metadata: json_column(row, 12, "messages.metadata")?.unwrap_or_default(),
+            not_before: None,
+            idempotency: None,
+        },
     })
+}
+
+/// A nullable column holding JSON.
+fn json_column<T: serde::de::DeserializeOwned>(
+    row: &Row<'_>,
+    idx: usize,
+    name: &str,
+) -> Result<Option<T>, StoreError> {
+    column::<Option<String>>(row, idx, name)?
+        .map(|text| {
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))
+        })
+        .transpose()
 }
 
 fn recipient_row(row: &Row<'_>) -> Result<StoredRecipient, StoreError> {
@@ -183,13 +208,26 @@ pub(crate) fn list(
     // matches. With a state filter that matches few messages this scans far;
     // acceptable for an operator's listing, not for the scheduler.
     let mut sql = format!(
-        "SELECT m.id, m.received_at, m.reverse_path, m.size, COUNT(*), {RANK} AS rank \
-         FROM messages m JOIN recipients r ON r.message_id = m.id"
+        "SELECT m.id, m.received_at, m.reverse_path, m.size, COUNT(*), {RANK} AS rank, \
+         m.account_id, m.tags FROM messages m JOIN recipients r ON r.message_id = m.id \
+         WHERE 1"
     );
     let mut params = Vec::new();
     if let Some(before) = &query.before {
-        sql.push_str(" WHERE m.id < ?");
+        sql.push_str(" AND m.id < ?");
         params.push(Value::Text(before.to_string()));
+    }
+    if let Some(account) = &query.account {
+        sql.push_str(" AND m.account_id = ?");
+        params.push(Value::Text(account.clone()));
+    }
+    if let Some(tag) = &query.tag {
+        sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(m.tags) WHERE value = ?)");
+        params.push(Value::Text(tag.clone()));
+    }
+    if let Some(since) = query.since {
+        sql.push_str(" AND m.received_at >= ?");
+        params.push(Value::Integer(since));
     }
     sql.push_str(" GROUP BY m.id");
     if let Some(state) = query.state {
@@ -226,6 +264,8 @@ pub(crate) fn list(
                 .ok_or_else(|| {
                     StoreError::Corrupt(format!("recipients.state of {id}: unknown state"))
                 })?,
+            account: column(row, 6, "messages.account_id")?,
+            tags: json_column(row, 7, "messages.tags")?.unwrap_or_default(),
         });
     }
     Ok(out)

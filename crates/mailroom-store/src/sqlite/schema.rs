@@ -65,6 +65,51 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX attempts_by_message ON attempts(message_id, idx);
     "#,
+    // 3: tenants. Accounts with their API keys, what a tenant's message
+    // carries (account, tags, metadata), and idempotency keys committed with
+    // the message they created. The account index is partial so anonymous
+    // SMTP mail (no account) costs no index write.
+    r#"
+    ALTER TABLE messages ADD COLUMN account_id TEXT;
+    ALTER TABLE messages ADD COLUMN tags TEXT;
+    ALTER TABLE messages ADD COLUMN metadata TEXT;
+    CREATE INDEX messages_by_account ON messages(account_id, id)
+        WHERE account_id IS NOT NULL;
+
+    CREATE TABLE idempotency_keys (
+        scope        TEXT    NOT NULL,
+        key          TEXT    NOT NULL,
+        request_hash TEXT    NOT NULL,
+        status       INTEGER NOT NULL,
+        response     TEXT    NOT NULL,
+        message_id   TEXT    NOT NULL,
+        created_at   INTEGER NOT NULL,
+        PRIMARY KEY (scope, key)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE accounts (
+        id                      TEXT    PRIMARY KEY NOT NULL,
+        name                    TEXT    NOT NULL UNIQUE,
+        contact                 TEXT,
+        allowed_sender_domains  TEXT    NOT NULL,
+        max_messages_per_minute INTEGER,
+        max_recipients_per_day  INTEGER,
+        status                  TEXT    NOT NULL,
+        created_at              INTEGER NOT NULL
+    );
+
+    CREATE TABLE api_keys (
+        id           TEXT    PRIMARY KEY NOT NULL,
+        account_id   TEXT    NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        name         TEXT    NOT NULL,
+        prefix       TEXT    NOT NULL,
+        hash         TEXT    NOT NULL UNIQUE,
+        created_at   INTEGER NOT NULL,
+        last_used_at INTEGER,
+        revoked_at   INTEGER
+    );
+    CREATE INDEX api_keys_by_account ON api_keys(account_id);
+    "#,
 ];
 
 /// The schema version this build creates and understands.

@@ -41,7 +41,13 @@ pub(crate) enum Change {
     },
     /// Removes a message, its recipients and its attempts.
     Delete(String),
+    /// Tenant data (accounts, keys): run inside a savepoint, so a broken
+    /// constraint (a duplicate name) fails this change alone.
+    Directory(DirectoryWrite),
 }
+
+/// A write to tenant data, run on the writer's connection.
+pub(crate) type DirectoryWrite = Box<dyn Fn(&Connection) -> rusqlite::Result<u64> + Send>;
 
 pub(crate) enum Request {
     /// Boxed: a `Pending` is a few hundred bytes, and every channel slot
@@ -59,6 +65,9 @@ pub(crate) struct Pending {
     id: String,
     origin: String,
     size: i64,
+    /// JSON of the tags and metadata; `None` when empty, as most mail is.
+    tags: Option<String>,
+    metadata: Option<String>,
     message: NewMessage,
 }
 
@@ -74,10 +83,22 @@ impl Pending {
             .map_err(|e| StoreError::Invalid(format!("origin cannot be encoded: {e}")))?;
         let size = i64::try_from(message.content.len())
             .map_err(|_| StoreError::Invalid("message too large".into()))?;
+        let meta = &message.meta;
+        let encode = |what: &str, value: Result<String, serde_json::Error>| {
+            value.map_err(|e| StoreError::Invalid(format!("{what} cannot be encoded: {e}")))
+        };
+        let tags = (!meta.tags.is_empty())
+            .then(|| encode("tags", serde_json::to_string(&meta.tags)))
+            .transpose()?;
+        let metadata = (!meta.metadata.is_empty())
+            .then(|| encode("metadata", serde_json::to_string(&meta.metadata)))
+            .transpose()?;
         Ok(Pending {
             id: message.id.to_string(),
             origin,
             size,
+            tags,
+            metadata,
             message,
         })
     }
@@ -258,7 +279,7 @@ pub(crate) fn write_all(
             continue;
         }
         match apply_change(conn, change) {
-            Ok(rows) => change_results.push(Ok(rows)),
+            Ok(result) => change_results.push(result),
             Err(e) => {
                 change_results.push(Ok(0));
                 batch_error = Some(e);
@@ -285,7 +306,8 @@ pub(crate) fn write_all(
     (results, change_results)
 }
 
-fn apply_change(conn: &Connection, change: &Change) -> rusqlite::Result<u64> {
+/// Outer `Err`: the batch cannot go on; inner `Err`: this change failed alone.
+fn apply_change(conn: &Connection, change: &Change) -> rusqlite::Result<Result<u64, StoreError>> {
     match change {
         Change::Update {
             updates,
@@ -333,14 +355,36 @@ fn apply_change(conn: &Connection, change: &Change) -> rusqlite::Result<u64> {
                     ])?;
                 }
             }
-            Ok(rows)
+            Ok(Ok(rows))
         }
         Change::Delete(id) => {
             let rows = conn
                 .prepare_cached("DELETE FROM messages WHERE id = ?1")?
                 .execute(params![id])?;
-            Ok(rows as u64)
+            Ok(Ok(rows as u64))
         }
+        Change::Directory(write) => apply_directory(conn, write),
+    }
+}
+
+/// Runs a directory write in a savepoint: a broken constraint fails this
+/// change alone (outer `Err`: the batch cannot go on).
+fn apply_directory(
+    conn: &Connection,
+    write: &DirectoryWrite,
+) -> rusqlite::Result<Result<u64, StoreError>> {
+    exec(conn, "SAVEPOINT directory")?;
+    match write(conn) {
+        Ok(rows) => {
+            exec(conn, "RELEASE directory")?;
+            Ok(Ok(rows))
+        }
+        Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+            exec(conn, "ROLLBACK TO directory")?;
+            exec(conn, "RELEASE directory")?;
+            Ok(Err(StoreError::Conflict(e.to_string())))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -355,6 +399,16 @@ enum Failure {
 /// recipients leaves no trace of it and the rest of the batch still commits.
 fn insert_one(conn: &Connection, pending: &Pending) -> Result<(), Failure> {
     exec(conn, "SAVEPOINT message").map_err(Failure::Batch)?;
+    match claim_idempotency_key(conn, pending) {
+        Ok(true) => {}
+        Ok(false) => {
+            exec(conn, "ROLLBACK TO message")
+                .and_then(|()| exec(conn, "RELEASE message"))
+                .map_err(Failure::Batch)?;
+            return Err(Failure::Message(StoreError::IdempotencyKeyTaken));
+        }
+        Err(e) => return Err(Failure::Batch(e)),
+    }
     match insert_rows(conn, pending) {
         Ok(()) => exec(conn, "RELEASE message").map_err(Failure::Batch),
         Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
@@ -374,9 +428,36 @@ fn insert_one(conn: &Connection, pending: &Pending) -> Result<(), Failure> {
     }
 }
 
+/// Records the message's idempotency key, if it has one; false when the key
+/// is already taken (by a request that raced this one).
+fn claim_idempotency_key(conn: &Connection, pending: &Pending) -> rusqlite::Result<bool> {
+    let Some(record) = &pending.message.meta.idempotency else {
+        return Ok(true);
+    };
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO idempotency_keys (scope, key, request_hash, status, response, \
+             message_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            record.scope,
+            record.key,
+            record.request_hash,
+            record.status,
+            record.response,
+            pending.id,
+            pending.message.received_at,
+        ])?;
+    Ok(inserted == 1)
+}
+
 fn insert_rows(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
     let m = &pending.message;
     let env = &m.envelope;
+    if m.meta.account.is_some() || pending.tags.is_some() || pending.metadata.is_some() {
+        return insert_tenant_rows(conn, pending);
+    }
     conn.prepare_cached(
         "INSERT INTO messages (id, received_at, reverse_path, env_id, ret, body_type, \
          smtputf8, priority, origin, size, content) \
@@ -395,8 +476,48 @@ fn insert_rows(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
         pending.size,
         m.content.as_slice(),
     ])?;
-    // New recipients are due at once: next_attempt_at = received_at. Those
-    // kept in the local store are delivered by being stored.
+    insert_recipients(conn, pending)
+}
+
+/// A tenant's message: the same row with its account, tags and metadata.
+fn insert_tenant_rows(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
+    let m = &pending.message;
+    let env = &m.envelope;
+    conn.prepare_cached(
+        "INSERT INTO messages (id, received_at, reverse_path, env_id, ret, body_type, \
+         smtputf8, priority, origin, size, content, account_id, tags, metadata) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?
+    .execute(params![
+        pending.id,
+        m.received_at,
+        env.reverse_path.as_ref().map(|a| a.as_str()),
+        env.env_id,
+        env.ret.map(|r| r.as_str()),
+        env.body_type.as_str(),
+        env.smtputf8,
+        env.priority,
+        pending.origin,
+        pending.size,
+        m.content.as_slice(),
+        m.meta.account,
+        pending.tags,
+        pending.metadata,
+    ])?;
+    insert_recipients(conn, pending)
+}
+
+fn insert_recipients(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
+    let m = &pending.message;
+    let env = &m.envelope;
+    // New recipients are due at once (next_attempt_at = received_at) unless
+    // the sender asked for later. Those kept in the local store are
+    // delivered by being stored.
+    let due = m
+        .meta
+        .not_before
+        .unwrap_or(m.received_at)
+        .max(m.received_at);
     let mut insert = conn.prepare_cached(
         "INSERT INTO recipients (message_id, idx, address, orcpt, notify, next_attempt_at, \
          state, last_reply) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -409,7 +530,7 @@ fn insert_rows(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
             r.address.as_str(),
             r.orcpt,
             r.notify.bits(),
-            (!kept).then_some(m.received_at),
+            (!kept).then_some(due),
             if kept { "delivered" } else { "queued" },
             kept.then_some(KEPT_LOCALLY),
         ])?;
@@ -488,6 +609,7 @@ mod tests {
             },
             content: b"x".to_vec(),
             kept_locally: Vec::new(),
+            meta: Default::default(),
         }
     }
 

@@ -24,6 +24,8 @@ pub const HOSTNAME: &str = "mx.test";
 pub const LOCAL_DOMAIN: &str = "example.test";
 pub const USER: &str = "app";
 pub const PASSWORD: &str = "s3cret";
+/// The operator key every test server is configured with.
+pub const ADMIN_KEY: &str = "admin-key-for-tests-0123456789";
 
 /// How long a reply may take before a test fails.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -75,6 +77,8 @@ pub struct Setup {
     listeners: Vec<(Role, Tls)>,
     smtp: Vec<String>,
     extra: Vec<String>,
+    http: Vec<String>,
+    local_domain: String,
     user: bool,
     shutdown_timeout: String,
 }
@@ -91,6 +95,8 @@ impl Setup {
             listeners: Vec::new(),
             smtp: Vec::new(),
             extra: Vec::new(),
+            http: Vec::new(),
+            local_domain: LOCAL_DOMAIN.to_owned(),
             user: false,
             shutdown_timeout: "10s".into(),
         }
@@ -119,17 +125,30 @@ impl Setup {
         self
     }
 
+    /// A `key = value` line in `[http]` (which always has `addr` and
+    /// `admin_key` = [`ADMIN_KEY`]).
+    pub fn http(mut self, line: &str) -> Self {
+        self.http.push(line.to_owned());
+        self
+    }
+
+    /// Replaces [`LOCAL_DOMAIN`] as the server's one local domain.
+    pub fn local_domain(mut self, domain: &str) -> Self {
+        self.local_domain = domain.to_owned();
+        self
+    }
+
     /// Adds the SMTP login [`USER`] / [`PASSWORD`].
     pub fn user(mut self) -> Self {
         self.user = true;
         self
     }
 
-    fn render(&self, data_dir: &Path, ports: &[u16]) -> String {
+    fn render(&self, data_dir: &Path, ports: &[u16], http_port: u16) -> String {
         let mut c = String::new();
         let _ = writeln!(c, "hostname = \"{HOSTNAME}\"");
         let _ = writeln!(c, "data_dir = {:?}", data_dir.display().to_string());
-        let _ = writeln!(c, "local_domains = [\"{LOCAL_DOMAIN}\"]");
+        let _ = writeln!(c, "local_domains = [\"{}\"]", self.local_domain);
         let _ = writeln!(c, "shutdown_timeout = \"{}\"", self.shutdown_timeout);
         let _ = writeln!(c, "\n[log]\nlevel = \"debug\"\n\n[smtp]");
         for line in &self.smtp {
@@ -149,6 +168,13 @@ impl Setup {
                 role.as_str(),
                 tls.as_str()
             );
+        }
+        let _ = writeln!(
+            c,
+            "\n[http]\naddr = \"127.0.0.1:{http_port}\"\nadmin_key = \"{ADMIN_KEY}\""
+        );
+        for line in &self.http {
+            let _ = writeln!(c, "{line}");
         }
         for text in &self.extra {
             let _ = writeln!(c, "\n{text}");
@@ -195,6 +221,7 @@ impl Setup {
             config_path: dir.path().join("mailroom.toml"),
             data_dir: dir.path().join("data"),
             ports: Vec::new(),
+            http_port: 0,
             tls: self.listeners.iter().map(|(_, t)| *t).collect(),
             child: None,
             logs: Vec::new(),
@@ -203,10 +230,12 @@ impl Setup {
     }
 
     fn write_config(&self, server: &mut Server) {
-        server.ports = free_ports(self.listeners.len());
+        let mut ports = free_ports(self.listeners.len() + 1);
+        server.http_port = ports.pop().expect("a port for HTTP");
+        server.ports = ports;
         fs::write(
             &server.config_path,
-            self.render(&server.data_dir, &server.ports),
+            self.render(&server.data_dir, &server.ports, server.http_port),
         )
         .expect("write the config");
     }
@@ -228,6 +257,7 @@ pub struct Server {
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     ports: Vec<u16>,
+    http_port: u16,
     tls: Vec<Tls>,
     child: Option<Child>,
     /// One stderr log file per start.
@@ -247,6 +277,11 @@ impl Server {
 
     pub fn addr(&self, listener: usize) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.ports[listener]))
+    }
+
+    /// `http://127.0.0.1:PORT`, the API's base URL.
+    pub fn http_base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
     }
 
     pub fn pid(&self) -> u32 {
@@ -997,4 +1032,141 @@ pub fn message(subject: &str, size: usize) -> Vec<u8> {
         i += 1;
     }
     m
+}
+
+/// An HTTP response as the tests read it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The `error.code` of a JSON error body, checking its shape.
+    pub fn error_code(&self) -> String {
+        let v = self.json();
+        let code = v["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error.code: {v}"));
+        assert!(v["error"]["message"].is_string(), "no error.message: {v}");
+        code.to_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection, written by hand so tests can
+/// also send what a library would refuse to.
+pub fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> HttpResponse {
+    let mut headers = Vec::new();
+    if let Some(key) = key {
+        headers.push(("Authorization".to_owned(), format!("Bearer {key}")));
+    }
+    let body = body.map(|b| b.to_string().into_bytes());
+    if body.is_some() {
+        headers.push(("Content-Type".to_owned(), "application/json".to_owned()));
+    }
+    http_request(base, method, path, &headers, body.as_deref())
+}
+
+pub fn http_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Option<&[u8]>,
+) -> HttpResponse {
+    let addr = base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .expect("timeout");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    if !body.is_empty() || method != "GET" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    // The server may answer (413) before reading a large body and close.
+    let _ = stream.write_all(&bytes);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    parse_http_response(&raw)
+}
+
+fn parse_http_response(raw: &[u8]) -> HttpResponse {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(pos) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&rest[..pos])
+                    .split(';')
+                    .next()
+                    .unwrap_or("0")
+                    .trim(),
+                16,
+            )
+            .expect("chunk size");
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[pos + 2..pos + 2 + size]);
+            rest = &rest[pos + 2 + size + 2..];
+        }
+        body = out;
+    }
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
 }

@@ -1,0 +1,780 @@
+//! The HTTP API over real HTTP against the real binary: errors and their
+//! codes, tenant isolation on every endpoint, API keys, idempotency, and a
+//! message's whole path from `POST` to delivered.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ADMIN_KEY, Role, Server, Setup, Tls, http, http_request, poll};
+use serde_json::{Value, json};
+
+fn server() -> Server {
+    Setup::new()
+        .listener(Role::Mx, Tls::None)
+        // Nothing here is meant to leave: park outbound mail.
+        .toml(
+            "[delivery]\nretry_initial = \"1h\"\nretry_max = \"1h\"\n\n\
+             [[delivery.routes]]\ndomain = \"*\"\nrelay = \"127.0.0.1:1\"\ntls = \"none\"",
+        )
+        .start()
+}
+
+/// Creates an account (as admin) and a key for it; returns (id, key).
+fn account(s: &Server, name: &str, domains: &[&str]) -> (String, String) {
+    let base = s.http_base();
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/accounts",
+        Some(ADMIN_KEY),
+        Some(&json!({"name": name, "allowed_sender_domains": domains})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let r = http(
+        &base,
+        "POST",
+        &format!("/api/v1/accounts/{id}/keys"),
+        Some(ADMIN_KEY),
+        Some(&json!({"name": "test"})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let key = r.json()["secret"].as_str().expect("secret").to_owned();
+    (id, key)
+}
+
+/// A message held back an hour by `send_at`, so it stays queued.
+fn mail(from: &str) -> Value {
+    let later = mailroom_core::time::now_unix_millis() + 3_600_000;
+    json!({
+        "send_at": mailroom_core::time::rfc3339_millis(later),
+        "from": {"name": "App", "address": from},
+        "to": ["user@remote.test", {"name": "Two", "address": "two@remote.test"}],
+        "bcc": "audit@remote.test",
+        "subject": "Grüße aus dem Test",
+        "text": "hello",
+        "html": "<p>hello</p>",
+        "tags": ["welcome"],
+        "metadata": {"user_id": "42"},
+        "attachments": [{"filename": "a.txt", "content_type": "text/plain", "content": "aGVsbG8="}]
+    })
+}
+
+#[test]
+fn every_response_has_a_request_id_and_errors_are_json() {
+    let s = server();
+    let base = s.http_base();
+    for (method, path, key, expect, code) in [
+        ("GET", "/api/v1/messages", None, 401, "unauthorized"),
+        (
+            "GET",
+            "/api/v1/messages",
+            Some("mr_wrong"),
+            401,
+            "unauthorized",
+        ),
+        (
+            "GET",
+            "/api/v1/nothing-here",
+            Some(ADMIN_KEY),
+            404,
+            "not_found",
+        ),
+        (
+            "PUT",
+            "/api/v1/messages",
+            Some(ADMIN_KEY),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "GET",
+            "/api/v1/messages/not-an-id",
+            Some(ADMIN_KEY),
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/api/v1/messages?status=lost",
+            Some(ADMIN_KEY),
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/api/v1/messages?limit=0",
+            Some(ADMIN_KEY),
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/api/v1/messages?bogus=1",
+            Some(ADMIN_KEY),
+            400,
+            "invalid_query",
+        ),
+    ] {
+        let r = http(&base, method, path, key, None);
+        assert_eq!(r.status, expect, "{method} {path}");
+        assert_eq!(r.error_code(), code, "{method} {path}");
+        assert!(r.header("x-request-id").is_some(), "{method} {path}");
+    }
+    // A client's own request id is echoed.
+    let r = http_request(
+        &base,
+        "GET",
+        "/healthz",
+        &[("X-Request-Id".into(), "abc-123".into())],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id"), Some("abc-123"));
+
+    let auth = ("Authorization".to_owned(), format!("Bearer {ADMIN_KEY}"));
+    let json_type = ("Content-Type".to_owned(), "application/json".to_owned());
+    // Not JSON at all; JSON of the wrong shape; the wrong media type.
+    let r = http_request(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        &[auth.clone(), json_type.clone()],
+        Some(b"{not json"),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "invalid_json"));
+    let r = http_request(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        &[auth.clone(), json_type.clone()],
+        Some(br#"{"from": 5}"#),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (422, "invalid_field"));
+    let r = http_request(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        &[auth.clone(), ("Content-Type".into(), "text/plain".into())],
+        Some(b"{}"),
+    );
+    assert_eq!(r.status, 415);
+    // A field that makes no sense names the field.
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(ADMIN_KEY),
+        Some(&json!({"from": "a@a.test", "to": "not an address", "text": "x"})),
+    );
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["error"]["field"], "to[0]");
+}
+
+#[test]
+fn bodies_over_the_limit_are_413() {
+    let s = Setup::new()
+        .listener(Role::Mx, Tls::None)
+        .http("max_body_size = 4096")
+        .start();
+    let body = json!({"from": "a@a.test", "to": "b@b.test", "text": "x".repeat(10_000)});
+    let r = http(
+        &s.http_base(),
+        "POST",
+        "/api/v1/messages",
+        Some(ADMIN_KEY),
+        Some(&body),
+    );
+    assert_eq!(r.status, 413);
+    assert_eq!(r.error_code(), "too_large");
+}
+
+#[test]
+fn messages_over_the_size_limit_are_413() {
+    let s = Setup::new()
+        .listener(Role::Mx, Tls::None)
+        .smtp("max_message_size = 2000")
+        .start();
+    let body = json!({"from": "a@a.test", "to": "b@b.test", "text": "x".repeat(5_000)});
+    let r = http(
+        &s.http_base(),
+        "POST",
+        "/api/v1/messages",
+        Some(ADMIN_KEY),
+        Some(&body),
+    );
+    assert_eq!(r.status, 413);
+    assert_eq!(r.error_code(), "too_large");
+}
+
+#[test]
+fn send_is_durable_and_readable_and_builds_mime() {
+    let s = server();
+    let base = s.http_base();
+    let (_, key) = account(&s, "shop", &["shop.test"]);
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&key),
+        Some(&mail("news@shop.test")),
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["status"], "queued");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let rcpts: Vec<&str> = v["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rcpts,
+        ["user@remote.test", "two@remote.test", "audit@remote.test"]
+    );
+
+    // On disk by the time of the 202.
+    let stored = s.message(&id);
+    let content = String::from_utf8(stored.content.clone()).unwrap();
+    for needle in [
+        "Message-ID: <",
+        "Date: ",
+        "MIME-Version: 1.0",
+        "multipart/mixed",
+        "multipart/alternative",
+        "Subject: =?utf-8?",
+        "filename=\"a.txt\"",
+    ] {
+        assert!(content.contains(needle), "{needle} missing:\n{content}");
+    }
+    assert!(
+        !content.contains("audit@remote.test"),
+        "Bcc leaked:\n{content}"
+    );
+    assert_eq!(stored.meta.tags, ["welcome"]);
+
+    let r = http(
+        &base,
+        "GET",
+        &format!("/api/v1/messages/{id}"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["from"], "news@shop.test");
+    assert_eq!(v["metadata"]["user_id"], "42");
+    assert_eq!(v["recipients"].as_array().unwrap().len(), 3);
+    assert_eq!(v["recipients"][0]["status"], "queued");
+    // The short path of the first plan answers the same.
+    let r = http(&base, "GET", &format!("/status/{id}"), Some(&key), None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["id"], id.as_str());
+
+    // Listing with filters and cursor pages.
+    for _ in 0..2 {
+        let r = http(
+            &base,
+            "POST",
+            "/send",
+            Some(&key),
+            Some(&mail("news@shop.test")),
+        );
+        assert_eq!(r.status, 202);
+    }
+    let r = http(
+        &base,
+        "GET",
+        "/api/v1/messages?limit=2&tag=welcome",
+        Some(&key),
+        None,
+    );
+    let page = r.json();
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    let cursor = page["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let r = http(
+        &base,
+        "GET",
+        &format!("/api/v1/messages?limit=2&tag=welcome&cursor={cursor}"),
+        Some(&key),
+        None,
+    );
+    let page = r.json();
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page["data"][0]["id"], id.as_str());
+    assert!(page["next_cursor"].is_null());
+    let r = http(&base, "GET", "/api/v1/messages?tag=other", Some(&key), None);
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 0);
+    let r = http(
+        &base,
+        "GET",
+        "/api/v1/messages?status=queued&since=2020-01-01T00:00:00Z",
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 3);
+
+    // Cancel: what is not delivered fails; a retry then has nothing to do.
+    let r = http(
+        &base,
+        "DELETE",
+        &format!("/api/v1/messages/{id}"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["recipients"], 3);
+    let r = http(
+        &base,
+        "GET",
+        &format!("/api/v1/messages/{id}"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.json()["status"], "failed");
+    let r = http(
+        &base,
+        "POST",
+        &format!("/api/v1/messages/{id}/retry"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (409, "nothing_to_retry")
+    );
+}
+
+#[test]
+fn raw_messages_keep_their_bytes() {
+    let s = server();
+    let raw = "From: A <a@a.test>\r\nTo: b@remote.test\r\nSubject: raw\r\nMessage-ID: <raw-1@a.test>\r\nDate: Sat, 21 Nov 2026 10:00:00 +0000\r\n\r\nbody line\r\n";
+    let r = http(
+        &s.http_base(),
+        "POST",
+        "/api/v1/messages",
+        Some(ADMIN_KEY),
+        Some(&json!({"raw": raw, "envelope": {"from": "bounce@a.test", "to": ["b@remote.test"]}})),
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let stored = s.message(r.json()["id"].as_str().unwrap());
+    assert_eq!(stored.content, raw.as_bytes());
+    assert_eq!(
+        stored.envelope.reverse_path.as_ref().map(|a| a.as_str()),
+        Some("bounce@a.test")
+    );
+    // raw without an envelope, or mixed with structured fields, is refused.
+    let r = http(
+        &s.http_base(),
+        "POST",
+        "/api/v1/messages",
+        Some(ADMIN_KEY),
+        Some(&json!({"raw": raw})),
+    );
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["error"]["field"], "envelope");
+}
+
+#[test]
+fn idempotency_keys_replay_or_conflict() {
+    let s = server();
+    let base = s.http_base();
+    let body = serde_json::to_vec(&mail("a@a.test")).unwrap();
+    let send = |key: &str, body: &[u8]| {
+        http_request(
+            &base,
+            "POST",
+            "/api/v1/messages",
+            &[
+                ("Authorization".into(), format!("Bearer {ADMIN_KEY}")),
+                ("Content-Type".into(), "application/json".into()),
+                ("Idempotency-Key".into(), key.into()),
+            ],
+            Some(body),
+        )
+    };
+    let first = send("order-1", &body);
+    assert_eq!(first.status, 202);
+    assert_eq!(first.header("idempotent-replayed"), None);
+    let again = send("order-1", &body);
+    assert_eq!(again.status, 202);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.json(), first.json());
+    // Only one message was stored.
+    let r = http(&base, "GET", "/api/v1/messages", Some(ADMIN_KEY), None);
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 1);
+
+    let other = serde_json::to_vec(&mail("b@a.test")).unwrap();
+    let r = send("order-1", &other);
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (409, "idempotency_key_reused")
+    );
+    let r = send("", &body);
+    assert_eq!(r.status, 400);
+
+    // Survives a restart: the key is committed with the message.
+    let mut s = s;
+    s.stop_ok();
+    s.restart();
+    let base = s.http_base();
+    let r = http_request(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        &[
+            ("Authorization".into(), format!("Bearer {ADMIN_KEY}")),
+            ("Content-Type".into(), "application/json".into()),
+            ("Idempotency-Key".into(), "order-1".into()),
+        ],
+        Some(&body),
+    );
+    assert_eq!(r.header("idempotent-replayed"), Some("true"));
+    assert_eq!(r.json(), first.json());
+}
+
+#[test]
+fn tenants_see_only_their_own_objects() {
+    let s = server();
+    let base = s.http_base();
+    let (a_id, a_key) = account(&s, "alpha", &["alpha.test"]);
+    let (b_id, b_key) = account(&s, "beta", &[]);
+
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&a_key),
+        Some(&mail("x@alpha.test")),
+    );
+    assert_eq!(r.status, 202);
+    let a_msg = r.json()["id"].as_str().unwrap().to_owned();
+
+    // Another tenant's ids are 404 on every endpoint that takes one.
+    let b_key_id = http(
+        &base,
+        "GET",
+        &format!("/api/v1/accounts/{b_id}/keys"),
+        Some(&b_key),
+        None,
+    )
+    .json()["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (method, path) in [
+        ("GET", format!("/api/v1/messages/{a_msg}")),
+        ("GET", format!("/status/{a_msg}")),
+        ("DELETE", format!("/api/v1/messages/{a_msg}")),
+        ("POST", format!("/api/v1/messages/{a_msg}/retry")),
+        ("GET", format!("/api/v1/accounts/{a_id}")),
+        ("PATCH", format!("/api/v1/accounts/{a_id}")),
+        ("DELETE", format!("/api/v1/accounts/{a_id}")),
+        ("GET", format!("/api/v1/accounts/{a_id}/keys")),
+        ("POST", format!("/api/v1/accounts/{a_id}/keys")),
+    ] {
+        let body = (method == "PATCH").then(|| json!({"name": "stolen"}));
+        let r = http(&base, method, &path, Some(&b_key), body.as_ref());
+        assert_eq!(r.status, 404, "{method} {path}");
+        assert_eq!(r.error_code(), "not_found");
+    }
+    for (method, path) in [
+        ("DELETE", format!("/api/v1/accounts/{b_id}/keys/{b_key_id}")),
+        (
+            "POST",
+            format!("/api/v1/accounts/{b_id}/keys/{b_key_id}/rotate"),
+        ),
+    ] {
+        let r = http(
+            &base,
+            method,
+            &path.replace(&b_id, &a_id),
+            Some(&b_key),
+            None,
+        );
+        assert_eq!(r.status, 404, "{method} {path}");
+    }
+    // Lists hold only one's own.
+    let r = http(&base, "GET", "/api/v1/messages", Some(&b_key), None);
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 0);
+    let r = http(&base, "GET", "/api/v1/accounts", Some(&b_key), None);
+    let names: Vec<Value> = r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("beta")]);
+    // The admin sees everything.
+    let r = http(
+        &base,
+        "GET",
+        &format!("/api/v1/messages/{a_msg}"),
+        Some(ADMIN_KEY),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["account_id"], a_id.as_str());
+    let r = http(&base, "GET", "/api/v1/accounts", Some(ADMIN_KEY), None);
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 2);
+
+    // Admin-only actions on one's own account are 403, not 404.
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/accounts",
+        Some(&b_key),
+        Some(&json!({"name": "gamma"})),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (403, "admin_only"));
+    let r = http(
+        &base,
+        "PATCH",
+        &format!("/api/v1/accounts/{b_id}"),
+        Some(&b_key),
+        Some(&json!({"name": "x"})),
+    );
+    assert_eq!(r.status, 403);
+
+    // Sender domains: alpha may only send as alpha.test (and subdomains).
+    for from in ["x@beta.test", "x@notalpha.test"] {
+        let r = http(
+            &base,
+            "POST",
+            "/api/v1/messages",
+            Some(&a_key),
+            Some(&mail(from)),
+        );
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (403, "sender_domain_not_allowed"),
+            "{from}"
+        );
+    }
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&a_key),
+        Some(&mail("x@mail.alpha.test")),
+    );
+    assert_eq!(r.status, 202);
+    let raw = json!({"raw": "From: x@evil.test\r\nSubject: s\r\n\r\nb\r\n",
+                     "envelope": {"from": "x@alpha.test", "to": ["y@remote.test"]}});
+    let r = http(&base, "POST", "/api/v1/messages", Some(&a_key), Some(&raw));
+    assert_eq!(r.status, 403, "the From header counts too");
+
+    // Names are unique.
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/accounts",
+        Some(ADMIN_KEY),
+        Some(&json!({"name": "alpha"})),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (409, "name_taken"));
+}
+
+#[test]
+fn keys_are_shown_once_revoked_rotated_and_suspension_locks_out() {
+    let s = server();
+    let base = s.http_base();
+    let (id, key) = account(&s, "gamma", &[]);
+    let r = http(
+        &base,
+        "GET",
+        &format!("/api/v1/accounts/{id}/keys"),
+        Some(&key),
+        None,
+    );
+    let listed = r.json();
+    let first = &listed["data"][0];
+    assert!(key.starts_with(first["prefix"].as_str().unwrap()));
+    assert!(first.get("secret").is_none(), "the secret is never listed");
+    assert!(!String::from_utf8_lossy(&r.body).contains(&key[12..]));
+    let key_id = first["id"].as_str().unwrap().to_owned();
+
+    // The store has only the hash.
+    let db = std::fs::read(s.data_dir.join("mailroom.db")).unwrap_or_default();
+    let wal = std::fs::read(s.data_dir.join("mailroom.db-wal")).unwrap_or_default();
+    let needle = key.as_bytes();
+    for file in [&db, &wal] {
+        assert!(
+            !file.windows(needle.len()).any(|w| w == needle),
+            "key stored in the clear"
+        );
+    }
+
+    // Rotate: a new secret works, the old one no longer does.
+    let r = http(
+        &base,
+        "POST",
+        &format!("/api/v1/accounts/{id}/keys/{key_id}/rotate"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 201);
+    let new_key = r.json()["secret"].as_str().unwrap().to_owned();
+    let r = http(&base, "GET", "/api/v1/messages", Some(&key), None);
+    assert_eq!(r.status, 401);
+    let r = http(&base, "GET", "/api/v1/messages", Some(&new_key), None);
+    assert_eq!(r.status, 200);
+    let new_id = http(
+        &base,
+        "GET",
+        &format!("/api/v1/accounts/{id}/keys"),
+        Some(&new_key),
+        None,
+    )
+    .json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["revoked_at"].is_null())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Suspension locks the account out; reactivation lets it back in.
+    let r = http(
+        &base,
+        "PATCH",
+        &format!("/api/v1/accounts/{id}"),
+        Some(ADMIN_KEY),
+        Some(&json!({"status": "suspended"})),
+    );
+    assert_eq!(r.status, 200);
+    let r = http(&base, "GET", "/api/v1/messages", Some(&new_key), None);
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (403, "account_suspended")
+    );
+    http(
+        &base,
+        "PATCH",
+        &format!("/api/v1/accounts/{id}"),
+        Some(ADMIN_KEY),
+        Some(&json!({"status": "active"})),
+    );
+    let r = http(&base, "GET", "/api/v1/messages", Some(&new_key), None);
+    assert_eq!(r.status, 200);
+
+    // Revoke; a second revoke is 404.
+    let r = http(
+        &base,
+        "DELETE",
+        &format!("/api/v1/accounts/{id}/keys/{new_id}"),
+        Some(ADMIN_KEY),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let r = http(
+        &base,
+        "DELETE",
+        &format!("/api/v1/accounts/{id}/keys/{new_id}"),
+        Some(ADMIN_KEY),
+        None,
+    );
+    assert_eq!(r.status, 404);
+    let r = http(&base, "GET", "/api/v1/messages", Some(&new_key), None);
+    assert_eq!(r.status, 401);
+
+    // Keys and accounts survive a restart; deleting an account ends its keys.
+    let (other, other_key) = account(&s, "delta", &[]);
+    let mut s = s;
+    s.stop_ok();
+    s.restart();
+    let base = s.http_base();
+    let r = http(&base, "GET", "/api/v1/messages", Some(&other_key), None);
+    assert_eq!(r.status, 200);
+    let r = http(
+        &base,
+        "DELETE",
+        &format!("/api/v1/accounts/{other}"),
+        Some(ADMIN_KEY),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let r = http(&base, "GET", "/api/v1/messages", Some(&other_key), None);
+    assert_eq!(r.status, 401);
+}
+
+#[test]
+fn openapi_document_is_served() {
+    let s = server();
+    let r = http(&s.http_base(), "GET", "/api/v1/openapi.json", None, None);
+    assert_eq!(r.status, 200);
+    let doc = r.json();
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    for path in [
+        "/api/v1/messages",
+        "/api/v1/messages/{id}",
+        "/api/v1/accounts/{id}/keys",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+}
+
+#[test]
+fn sent_mail_is_delivered_and_the_api_says_so() {
+    // The receiving side: a second mailroom that keeps mail for example.test.
+    let sink = Setup::new().listener(Role::Mx, Tls::None).start();
+    let s = Setup::new()
+        .listener(Role::Mx, Tls::None)
+        .local_domain("sender.test")
+        .toml(&format!(
+            "[[delivery.routes]]\ndomain = \"*\"\nrelay = \"127.0.0.1:{}\"\ntls = \"none\"",
+            sink.port(0)
+        ))
+        .start();
+    let base = s.http_base();
+    let (_, key) = account(&s, "app", &[]);
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&key),
+        Some(
+            &json!({"from": "app@sender.test", "to": "user@example.test",
+                     "subject": "path", "text": "whole path"}),
+        ),
+    );
+    assert_eq!(r.status, 202);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let view = poll(Duration::from_secs(20), || {
+        let v = http(
+            &base,
+            "GET",
+            &format!("/api/v1/messages/{id}"),
+            Some(&key),
+            None,
+        )
+        .json();
+        (v["status"] == "delivered").then_some(v)
+    })
+    .expect("delivered within 20 s");
+    let rcpt = &view["recipients"][0];
+    assert!(
+        rcpt["last_reply"].as_str().unwrap().starts_with("250"),
+        "{rcpt}"
+    );
+    assert_eq!(rcpt["history"][0]["outcome"], "delivered");
+    assert_eq!(rcpt["history"][0]["code"], 250);
+    // And it is in the sink, intact.
+    let sink_store = sink.store();
+    let list = mailroom_store::Store::list(&sink_store, &Default::default()).unwrap();
+    assert_eq!(list.len(), 1);
+    let got = sink.message(&list[0].id.to_string());
+    assert!(String::from_utf8_lossy(&got.content).contains("whole path"));
+}
