@@ -279,6 +279,7 @@ pub async fn update(
         return Err(ApiError::not_found("account"));
     }
     state.tenants.put_account(account.clone());
+    state.rates.reset(&account.id);
     Ok(Json(account.into()))
 }
 
@@ -305,6 +306,7 @@ pub async fn delete(
     principal.require_admin()?;
     state.store.delete_account(&id).await?;
     state.tenants.remove_account(&id);
+    state.rates.reset(&id);
     tracing::info!(account_id = %id, "account deleted");
     Ok(StatusCode::NO_CONTENT)
 }

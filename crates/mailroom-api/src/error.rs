@@ -120,13 +120,18 @@ impl ApiError {
         self
     }
 
+    /// The `error` object of the body, for embedding (batch results).
+    pub fn detail(&self) -> ErrorDetail {
+        ErrorDetail {
+            code: self.code.to_owned(),
+            message: self.message.clone(),
+            field: self.field.clone(),
+        }
+    }
+
     fn body(&self) -> ErrorBody {
         ErrorBody {
-            error: ErrorDetail {
-                code: self.code.to_owned(),
-                message: self.message.clone(),
-                field: self.field.clone(),
-            },
+            error: self.detail(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod messages;
 pub mod send;
 pub mod state;
+pub mod stats;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,10 +40,12 @@ pub use state::{ApiSettings, AppState, Queue};
     ),
     paths(
         messages::send,
+        messages::send_batch,
         messages::list,
         messages::get,
         messages::cancel,
         messages::retry,
+        stats::stats,
         accounts::create,
         accounts::list,
         accounts::get,
@@ -80,6 +83,7 @@ pub fn state(
     store: SqliteStore,
     queue: Arc<dyn Queue>,
     settings: ApiSettings,
+    rates: Arc<mailroom_policy::RateLimiter>,
 ) -> Result<AppState, StoreError> {
     let tenants = Tenants::load(&store)?;
     Ok(Arc::new(state::Shared {
@@ -89,6 +93,7 @@ pub fn state(
         admin_key: settings.admin_key.clone(),
         settings,
         in_flight: Mutex::new(Default::default()),
+        rates,
     }))
 }
 
@@ -103,7 +108,9 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/messages/{id}",
             get(messages::get).delete(messages::cancel),
         )
+        .route("/api/v1/messages/batch", post(messages::send_batch))
         .route("/api/v1/messages/{id}/retry", post(messages::retry))
+        .route("/api/v1/stats", get(stats::stats))
         .route(
             "/api/v1/accounts",
             post(accounts::create).get(accounts::list),
@@ -128,7 +135,9 @@ pub fn router(state: AppState) -> Router {
         )
         // The short paths of the first plan.
         .route("/send", post(messages::send))
+        .route("/send/batch", post(messages::send_batch))
         .route("/status/{id}", get(messages::get))
+        .route("/stats", get(stats::stats))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)

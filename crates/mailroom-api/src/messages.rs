@@ -169,6 +169,7 @@ pub(crate) async fn accept(
     let account = principal.account_id().map(str::to_owned);
     if let Some(id) = &account {
         check_sender(state, id, &built)?;
+        check_rate(state, id, built.envelope.recipients.len())?;
     }
     let queued = Queued {
         id: built.id.to_string(),
@@ -257,6 +258,39 @@ fn check_sender(state: &AppState, account_id: &str, built: &Built) -> Result<(),
     Ok(())
 }
 
+/// Takes the message from the account's allowance, or answers 429 with
+/// when to come back.
+fn check_rate(state: &AppState, account_id: &str, recipients: usize) -> Result<(), ApiError> {
+    let Some(account) = state.tenants.account(account_id) else {
+        return Err(ApiError::unauthorized());
+    };
+    let limits = mailroom_policy::AccountLimits {
+        messages_per_minute: account.max_messages_per_minute,
+        recipients_per_day: account.max_recipients_per_day,
+    };
+    let recipients = u32::try_from(recipients).unwrap_or(u32::MAX);
+    match state
+        .rates
+        .take(account_id, limits, recipients, std::time::Instant::now())
+    {
+        Ok(()) => Ok(()),
+        Err(mailroom_policy::Refusal::Messages { retry_after }) => Err(ApiError::rate_limited(
+            "the account's messages_per_minute limit is reached",
+            retry_after.as_secs_f64().ceil() as u64,
+        )),
+        Err(mailroom_policy::Refusal::Recipients { retry_after }) => Err(match retry_after {
+            Some(wait) => ApiError::rate_limited(
+                "the account's recipients_per_day limit is reached",
+                wait.as_secs_f64().ceil() as u64,
+            ),
+            None => ApiError::invalid(
+                "to",
+                "more recipients than the account's recipients_per_day allows",
+            ),
+        }),
+    }
+}
+
 /// Parses a JSON body, mapping every failure to a JSON error.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
@@ -289,6 +323,125 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
             _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
         }
     })
+}
+
+/// `POST /api/v1/messages/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// 1 to 1,000 messages, each as for `POST /api/v1/messages`.
+    #[schema(value_type = Vec<SendRequest>)]
+    pub messages: Vec<serde_json::Value>,
+}
+
+/// One item's fate: `status` 202 with the queued message, or an error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchItem {
+    pub index: usize,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<Vec<QueuedRecipient>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::error::ErrorDetail>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResult {
+    pub accepted: usize,
+    pub failed: usize,
+    /// In request order.
+    pub results: Vec<BatchItem>,
+}
+
+/// Largest batch.
+pub const MAX_BATCH: usize = 1000;
+
+/// Queue up to 1,000 messages
+///
+/// Partial success: every message is checked and queued on its own, and
+/// `results[i]` says what became of `messages[i]` (202 and its id, or the
+/// error it would have had alone). The call answers 200 whenever the batch
+/// itself was readable, even if some or all items failed; each 202 item is
+/// durable when the answer is sent. `Idempotency-Key` is not taken here.
+#[utoipa::path(
+    post, path = "/api/v1/messages/batch", tag = "messages",
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "Every item's result", body = BatchResult),
+        (status = 400, description = "Not JSON, or an Idempotency-Key", body = ErrorBody),
+        (status = 401, description = "No valid key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Not a batch, or more than 1,000 messages", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn send_batch(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<BatchResult>, ApiError> {
+    if headers.contains_key(IDEMPOTENCY_HEADER) {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key is not supported on batches; send messages one by one to use it",
+        )
+        .with_field("Idempotency-Key"));
+    }
+    let batch: BatchRequest = parse_json(&headers, &body)?;
+    if batch.messages.is_empty() || batch.messages.len() > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "messages",
+            format!("must hold 1 to {MAX_BATCH} messages"),
+        ));
+    }
+    // Every item is submitted at once, so the store commits them together
+    // in a few group commits rather than one after another.
+    let mut tasks = tokio::task::JoinSet::new();
+    let n = batch.messages.len();
+    for (index, item) in batch.messages.into_iter().enumerate() {
+        let state = state.clone();
+        let principal = principal.clone();
+        tasks.spawn(async move {
+            let result = match serde_json::from_value::<SendRequest>(item) {
+                Ok(request) => accept(&state, &principal, &request, None).await,
+                Err(e) => Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_field",
+                    e.to_string(),
+                )),
+            };
+            (index, result)
+        });
+    }
+    let mut results: Vec<Option<BatchItem>> = (0..n).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (index, result) = joined.map_err(|e| ApiError::internal("batch item", e))?;
+        results[index] = Some(match result {
+            Ok((status, queued)) => BatchItem {
+                index,
+                status: status.as_u16(),
+                id: Some(queued.id),
+                recipients: Some(queued.recipients),
+                error: None,
+            },
+            Err(e) => BatchItem {
+                index,
+                status: e.status.as_u16(),
+                id: None,
+                recipients: None,
+                error: Some(e.detail()),
+            },
+        });
+    }
+    let results: Vec<BatchItem> = results.into_iter().flatten().collect();
+    let accepted = results.iter().filter(|r| r.status == 202).count();
+    Ok(Json(BatchResult {
+        accepted,
+        failed: results.len() - accepted,
+        results,
+    }))
 }
 
 /// A message with its recipients' delivery states.

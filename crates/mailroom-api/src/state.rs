@@ -47,6 +47,9 @@ pub struct Shared {
     /// Idempotency keys with a request in progress: a second request with
     /// the same key waits for the first instead of racing it.
     pub(crate) in_flight: Mutex<HashSet<(String, String)>>,
+    /// Per-account limits; shared with the SMTP side when it is given the
+    /// same limiter.
+    pub(crate) rates: Arc<mailroom_policy::RateLimiter>,
 }
 
 /// Cheap to clone: handlers get it by value.

@@ -123,6 +123,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         engine,
     });
+    let rates = Arc::new(mailroom_policy::RateLimiter::new());
     let http = match config.http.addr {
         Some(addr) => {
             let listener =
@@ -135,7 +136,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 max_recipients: config.smtp.max_recipients,
                 cors_origins: config.http.cors_origins.clone(),
             };
-            let state = mailroom_api::state(store.clone(), intake.clone(), settings)
+            let state = mailroom_api::state(store.clone(), intake.clone(), settings, rates.clone())
                 .context("cannot load accounts and API keys")?;
             if config.http.admin_key.is_none() {
                 info!("no http.admin_key: only account keys are accepted");

@@ -778,3 +778,221 @@ fn sent_mail_is_delivered_and_the_api_says_so() {
     let got = sink.message(&list[0].id.to_string());
     assert!(String::from_utf8_lossy(&got.content).contains("whole path"));
 }
+
+#[test]
+fn batches_succeed_in_part_and_say_which() {
+    let s = server();
+    let base = s.http_base();
+    let mut messages: Vec<Value> = (0..5).map(|i| mail(&format!("n{i}@a.test"))).collect();
+    messages[1] = json!({"from": "a@a.test", "to": "bad address", "text": "x"});
+    messages[3] = json!({"from": 7});
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages/batch",
+        Some(ADMIN_KEY),
+        Some(&json!({"messages": messages})),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(
+        (v["accepted"].as_u64(), v["failed"].as_u64()),
+        (Some(3), Some(2))
+    );
+    let statuses: Vec<u64> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [202, 422, 202, 422, 202]);
+    assert_eq!(v["results"][1]["error"]["field"], "to[0]");
+    for i in [0, 2, 4] {
+        assert_eq!(v["results"][i]["index"], i);
+        s.message(v["results"][i]["id"].as_str().unwrap());
+    }
+    // The short path, and the limits of a batch.
+    let r = http(
+        &base,
+        "POST",
+        "/send/batch",
+        Some(ADMIN_KEY),
+        Some(&json!({"messages": [mail("x@a.test")]})),
+    );
+    assert_eq!(r.json()["accepted"], 1);
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages/batch",
+        Some(ADMIN_KEY),
+        Some(&json!({"messages": []})),
+    );
+    assert_eq!(r.status, 422);
+    let many: Vec<Value> = (0..1001).map(|_| json!({})).collect();
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages/batch",
+        Some(ADMIN_KEY),
+        Some(&json!({"messages": many})),
+    );
+    assert_eq!(r.status, 422);
+}
+
+#[test]
+fn rate_limits_answer_429_with_retry_after() {
+    let s = server();
+    let base = s.http_base();
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/accounts",
+        Some(ADMIN_KEY),
+        Some(
+            &json!({"name": "slow", "limits": {"messages_per_minute": 2, "recipients_per_day": 100}}),
+        ),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let key = http(
+        &base,
+        "POST",
+        &format!("/api/v1/accounts/{id}/keys"),
+        Some(ADMIN_KEY),
+        None,
+    )
+    .json()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..2 {
+        let r = http(
+            &base,
+            "POST",
+            "/api/v1/messages",
+            Some(&key),
+            Some(&mail("a@a.test")),
+        );
+        assert_eq!(r.status, 202);
+    }
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&key),
+        Some(&mail("a@a.test")),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (429, "rate_limited"));
+    let wait: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
+    // The admin is not an account and has no such limit.
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(ADMIN_KEY),
+        Some(&mail("a@a.test")),
+    );
+    assert_eq!(r.status, 202);
+    // Raising the limit applies at once.
+    http(
+        &base,
+        "PATCH",
+        &format!("/api/v1/accounts/{id}"),
+        Some(ADMIN_KEY),
+        Some(&json!({"limits": {"messages_per_minute": 100, "recipients_per_day": 7}})),
+    );
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&key),
+        Some(&mail("a@a.test")),
+    );
+    assert_eq!(r.status, 202, "3 recipients of 7");
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&key),
+        Some(&mail("a@a.test")),
+    );
+    assert_eq!(r.status, 202, "6 of 7");
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&key),
+        Some(&mail("a@a.test")),
+    );
+    assert_eq!(r.status, 429, "9 of 7");
+}
+
+#[test]
+fn stats_count_the_queue_and_activity() {
+    let sink = Setup::new().listener(Role::Mx, Tls::None).start();
+    let s = Setup::new()
+        .listener(Role::Mx, Tls::None)
+        .local_domain("sender.test")
+        .toml(&format!(
+            "[[delivery.routes]]\ndomain = \"*\"\nrelay = \"127.0.0.1:{}\"\ntls = \"none\"",
+            sink.port(0)
+        ))
+        .start();
+    let base = s.http_base();
+    let (id, key) = account(&s, "stats", &[]);
+    let now = json!({"from": "a@sender.test", "to": "u@example.test", "text": "x"});
+    assert_eq!(
+        http(&base, "POST", "/api/v1/messages", Some(&key), Some(&now)).status,
+        202
+    );
+    assert_eq!(
+        http(
+            &base,
+            "POST",
+            "/api/v1/messages",
+            Some(&key),
+            Some(&mail("a@sender.test"))
+        )
+        .status,
+        202
+    );
+    assert_eq!(
+        http(
+            &base,
+            "POST",
+            "/api/v1/messages",
+            Some(ADMIN_KEY),
+            Some(&now)
+        )
+        .status,
+        202
+    );
+    let v = poll(Duration::from_secs(20), || {
+        let v = http(&base, "GET", "/api/v1/stats", Some(&key), None).json();
+        (v["delivered"]["1m"] == 1).then_some(v)
+    })
+    .expect("one delivery counted");
+    assert_eq!(v["accepted"]["1m"], 2);
+    assert_eq!(v["accepted"]["24h"], 2);
+    assert_eq!(v["queue"]["delivered"], 1);
+    assert_eq!(
+        v["queue"]["queued"], 3,
+        "the held-back message's recipients"
+    );
+    assert!(
+        v.get("accounts").is_none(),
+        "only the admin gets the breakdown"
+    );
+    let v = poll(Duration::from_secs(20), || {
+        let v = http(&base, "GET", "/stats", Some(ADMIN_KEY), None).json();
+        (v["delivered"]["1h"] == 2).then_some(v)
+    })
+    .expect("both deliveries counted");
+    assert_eq!(v["accepted"]["1h"], 3);
+    assert_eq!(v["accounts"][&id]["accepted"]["1h"], 2);
+    assert_eq!(v["accounts"]["none"]["accepted"]["1h"], 1);
+}
