@@ -201,7 +201,11 @@ pub async fn list(
 }
 
 /// The account if the caller may see it; 404 otherwise.
-fn visible(state: &AppState, principal: &Principal, id: &str) -> Result<Account, ApiError> {
+pub(crate) fn visible(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<Account, ApiError> {
     state
         .tenants
         .account(id)
@@ -307,6 +311,7 @@ pub async fn delete(
     state.store.delete_account(&id).await?;
     state.tenants.remove_account(&id);
     state.rates.reset(&id);
+    state.logins.remove_account(&id);
     tracing::info!(account_id = %id, "account deleted");
     Ok(StatusCode::NO_CONTENT)
 }

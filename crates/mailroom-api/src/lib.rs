@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 pub mod messages;
 pub mod send;
+pub mod smtp_logins;
 pub mod state;
 pub mod stats;
 
@@ -29,6 +30,7 @@ use utoipa::OpenApi;
 
 pub use auth::Tenants;
 pub use error::ApiError;
+pub use smtp_logins::TenantPolicy;
 pub use state::{ApiSettings, AppState, Queue};
 
 /// The generated OpenAPI document.
@@ -55,12 +57,16 @@ pub use state::{ApiSettings, AppState, Queue};
         accounts::list_keys,
         accounts::revoke_key,
         accounts::rotate_key,
+        smtp_logins::create,
+        smtp_logins::list,
+        smtp_logins::delete,
     ),
     modifiers(&Security),
     tags(
         (name = "messages", description = "Send and follow mail"),
         (name = "accounts", description = "Tenants"),
         (name = "keys", description = "An account's API keys"),
+        (name = "smtp", description = "An account's SMTP logins"),
     )
 )]
 pub struct ApiDoc;
@@ -84,8 +90,25 @@ pub fn state(
     queue: Arc<dyn Queue>,
     settings: ApiSettings,
     rates: Arc<mailroom_policy::RateLimiter>,
+    logins: Arc<mailroom_smtp::auth::Logins>,
 ) -> Result<AppState, StoreError> {
     let tenants = Tenants::load(&store)?;
+    for c in store.smtp_credentials(None)? {
+        if logins.contains(&c.username) {
+            tracing::warn!(
+                username = %c.username,
+                "an [[smtp.users]] login shadows an account's SMTP login of the same name"
+            );
+            continue;
+        }
+        logins.insert(
+            c.username,
+            mailroom_smtp::auth::Login {
+                password_hash: c.password_hash,
+                account: Some(c.account_id),
+            },
+        );
+    }
     Ok(Arc::new(state::Shared {
         store,
         queue,
@@ -94,6 +117,7 @@ pub fn state(
         settings,
         in_flight: Mutex::new(Default::default()),
         rates,
+        logins,
     }))
 }
 
@@ -132,6 +156,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/accounts/{id}/keys/{key_id}/rotate",
             post(accounts::rotate_key),
+        )
+        .route(
+            "/api/v1/accounts/{id}/smtp-credentials",
+            post(smtp_logins::create).get(smtp_logins::list),
+        )
+        .route(
+            "/api/v1/accounts/{id}/smtp-credentials/{credential_id}",
+            axum::routing::delete(smtp_logins::delete),
         )
         // The short paths of the first plan.
         .route("/send", post(messages::send))

@@ -271,7 +271,7 @@ fn check_rate(state: &AppState, account_id: &str, recipients: usize) -> Result<(
     let recipients = u32::try_from(recipients).unwrap_or(u32::MAX);
     match state
         .rates
-        .take(account_id, limits, recipients, std::time::Instant::now())
+        .take(account_id, limits, 1, recipients, std::time::Instant::now())
     {
         Ok(()) => Ok(()),
         Err(mailroom_policy::Refusal::Messages { retry_after }) => Err(ApiError::rate_limited(

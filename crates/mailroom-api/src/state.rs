@@ -50,6 +50,8 @@ pub struct Shared {
     /// Per-account limits; shared with the SMTP side when it is given the
     /// same limiter.
     pub(crate) rates: Arc<mailroom_policy::RateLimiter>,
+    /// SMTP logins, shared with the SMTP server's AUTH.
+    pub(crate) logins: Arc<mailroom_smtp::auth::Logins>,
 }
 
 /// Cheap to clone: handlers get it by value.

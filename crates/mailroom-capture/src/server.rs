@@ -133,6 +133,7 @@ impl Capture {
             max_errors: 20,
             allow_insecure_auth: true,
             relay_networks: Vec::new(),
+            policy: None,
         });
         let (server, smtp_shutdown) = SmtpServer::capture(settings, intake, None);
         let mut tasks = vec![tokio::spawn(server.serve(smtp, session))];

@@ -70,3 +70,16 @@ pub enum Receipt {
     /// Answer `250`, then `221` and close the connection.
     Close,
 }
+
+/// Per-login rules a session applies to authenticated clients: which
+/// senders they may use and how much they may send. Called synchronously
+/// from the session state machine, so implementations must answer from
+/// memory (no I/O). `Err` is the reply the client gets.
+pub trait SessionPolicy: Send + Sync + std::fmt::Debug {
+    /// `MAIL FROM` by `user`.
+    fn mail(&self, user: &str, reverse_path: Option<&crate::Address>) -> Result<(), crate::Reply>;
+    /// Each `RCPT TO` by `user` that passed every other check.
+    fn rcpt(&self, user: &str) -> Result<(), crate::Reply>;
+    /// The content at the end of `DATA` or `BDAT LAST`: header checks.
+    fn content(&self, user: &str, content: &[u8]) -> Result<(), crate::Reply>;
+}

@@ -16,6 +16,6 @@ pub mod time;
 
 pub use address::{Address, AddressError};
 pub use envelope::{BodyType, Envelope, Notify, Recipient, Ret};
-pub use intake::{AuthAttempt, Intake, IntakeError, Receipt, SessionFacts};
+pub use intake::{AuthAttempt, Intake, IntakeError, Receipt, SessionFacts, SessionPolicy};
 pub use message::{IdempotencyRecord, MessageId, MessageMeta, NewMessage, Origin};
 pub use reply::Reply;

@@ -76,12 +76,15 @@ impl RateLimiter {
         Self::default()
     }
 
-    /// Takes one message with `recipients` recipients from `account`'s
-    /// allowance, or says which limit refuses it (taking nothing).
+    /// Takes `messages` messages and `recipients` recipients from
+    /// `account`'s allowance, or says which limit refuses it (taking
+    /// nothing). HTTP takes a message and its recipients at once; SMTP takes
+    /// the message at MAIL and each recipient at RCPT.
     pub fn take(
         &self,
         account: &str,
         limits: AccountLimits,
+        messages: u32,
         recipients: u32,
         now: Instant,
     ) -> Result<(), Refusal> {
@@ -95,7 +98,7 @@ impl RateLimiter {
                 messages: None,
                 recipients: None,
             });
-        let messages = limits.messages_per_minute.map(|cap| {
+        let messages_level = limits.messages_per_minute.map(|cap| {
             let bucket = *buckets
                 .messages
                 .get_or_insert_with(|| Bucket::full(cap, now));
@@ -107,11 +110,12 @@ impl RateLimiter {
                 .get_or_insert_with(|| Bucket::full(cap, now));
             (cap, bucket.level(cap, DAY, now))
         });
-        if let Some((cap, level)) = messages
-            && level < 1.0
+        let wanted = f64::from(messages);
+        if let Some((cap, level)) = messages_level
+            && level < wanted
         {
             return Err(Refusal::Messages {
-                retry_after: Bucket::wait(level, 1.0, cap, MINUTE),
+                retry_after: Bucket::wait(level, wanted, cap, MINUTE),
             });
         }
         if let Some((cap, level)) = rcpts {
@@ -125,9 +129,9 @@ impl RateLimiter {
                 });
             }
         }
-        if let Some((_, level)) = messages {
+        if let Some((_, level)) = messages_level {
             buckets.messages = Some(Bucket {
-                tokens: level - 1.0,
+                tokens: level - wanted,
                 at: now,
             });
         }
@@ -162,17 +166,21 @@ mod tests {
         };
         let t = Instant::now();
         for _ in 0..3 {
-            r.take("a", limits, 1, t).unwrap();
+            r.take("a", limits, 1, 1, t).unwrap();
         }
-        let Err(Refusal::Messages { retry_after }) = r.take("a", limits, 1, t) else {
+        let Err(Refusal::Messages { retry_after }) = r.take("a", limits, 1, 1, t) else {
             panic!("the fourth message should be refused");
         };
         assert!(retry_after > Duration::from_secs(19) && retry_after <= Duration::from_secs(20));
         // Another account is not affected.
-        r.take("b", limits, 1, t).unwrap();
+        r.take("b", limits, 1, 1, t).unwrap();
         // One refills every 20 s.
-        r.take("a", limits, 1, t + Duration::from_secs(20)).unwrap();
-        assert!(r.take("a", limits, 1, t + Duration::from_secs(21)).is_err());
+        r.take("a", limits, 1, 1, t + Duration::from_secs(20))
+            .unwrap();
+        assert!(
+            r.take("a", limits, 1, 1, t + Duration::from_secs(21))
+                .is_err()
+        );
     }
 
     #[test]
@@ -183,17 +191,17 @@ mod tests {
             recipients_per_day: Some(10),
         };
         let t = Instant::now();
-        r.take("a", limits, 8, t).unwrap();
+        r.take("a", limits, 1, 8, t).unwrap();
         assert!(matches!(
-            r.take("a", limits, 3, t),
+            r.take("a", limits, 1, 3, t),
             Err(Refusal::Recipients {
                 retry_after: Some(_)
             })
         ));
         // The refusal took nothing: two recipients still fit.
-        r.take("a", limits, 2, t).unwrap();
+        r.take("a", limits, 1, 2, t).unwrap();
         assert_eq!(
-            r.take("a", limits, 11, t),
+            r.take("a", limits, 1, 11, t),
             Err(Refusal::Recipients { retry_after: None })
         );
     }
@@ -202,7 +210,7 @@ mod tests {
     fn no_limits_means_no_bookkeeping() {
         let r = RateLimiter::new();
         for _ in 0..1000 {
-            r.take("a", AccountLimits::default(), 1000, Instant::now())
+            r.take("a", AccountLimits::default(), 1, 1000, Instant::now())
                 .unwrap();
         }
         assert!(r.accounts.lock().unwrap().is_empty());

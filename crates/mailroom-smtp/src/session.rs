@@ -18,7 +18,7 @@ use mailroom_core::config::{Cidr, Role, TlsMode};
 use mailroom_core::reply::{self, Enhanced, Reply};
 use mailroom_core::{
     Address, AuthAttempt, BodyType, Envelope, MessageId, NewMessage, Notify, Origin, Receipt,
-    Recipient, Ret,
+    Recipient, Ret, SessionPolicy,
 };
 use smtp_proto::request::receiver::{BdatReceiver, DataReceiver, DummyDataReceiver};
 use smtp_proto::{Error as ParseError, MailFrom, RcptTo, Request};
@@ -42,6 +42,9 @@ pub struct SessionConfig {
     pub allow_insecure_auth: bool,
     /// Clients allowed to relay without AUTH (`mx` listeners).
     pub relay_networks: Vec<Cidr>,
+    /// Rules for authenticated clients (tenants' sender domains and rate
+    /// limits); `None`: authenticated clients may send anything.
+    pub policy: Option<Arc<dyn SessionPolicy>>,
 }
 
 impl SessionConfig {
@@ -554,6 +557,11 @@ impl Session {
         if from.size > self.config.max_message_size {
             return self.reply(reply::SIZE_EXCEEDED);
         }
+        if let (Some(policy), Some(user)) = (&self.config.policy, &self.auth_user)
+            && let Err(refusal) = policy.mail(user, reverse_path.as_ref())
+        {
+            return self.reply(refusal);
+        }
         let body_type = if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             BodyType::BinaryMime
         } else if from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0 {
@@ -642,6 +650,11 @@ impl Session {
         }
         if tx.recipients.len() >= self.config.max_recipients {
             return self.reply(reply::TOO_MANY_RECIPIENTS);
+        }
+        if let (Some(policy), Some(user)) = (&self.config.policy, &self.auth_user)
+            && let Err(refusal) = policy.rcpt(user)
+        {
+            return self.reply(refusal);
         }
         let mut notify = Notify::empty();
         for (flag, bit) in [
@@ -770,6 +783,13 @@ impl Session {
         if tx.oversized || tx.data_len() > self.config.max_message_size {
             self.state = State::Command;
             self.reply(reply::SIZE_EXCEEDED);
+            return None;
+        }
+        if let (Some(policy), Some(user)) = (&self.config.policy, &self.auth_user)
+            && let Err(refusal) = policy.content(user, &tx.content[tx.header_len..])
+        {
+            self.state = State::Command;
+            self.reply(refusal);
             return None;
         }
         let message = NewMessage {

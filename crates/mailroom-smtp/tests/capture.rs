@@ -22,6 +22,7 @@ fn config(role: Role) -> Arc<SessionConfig> {
         max_errors: 10,
         allow_insecure_auth: false,
         relay_networks: Vec::new(),
+        policy: None,
     })
 }
 

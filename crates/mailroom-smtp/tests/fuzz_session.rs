@@ -26,6 +26,7 @@ fn config(role: Role, tls_mode: TlsMode, insecure: bool) -> Arc<SessionConfig> {
         max_errors: 50,
         allow_insecure_auth: insecure,
         relay_networks: Vec::new(),
+        policy: None,
     })
 }
 

@@ -23,6 +23,7 @@ fn config(role: Role, tls_mode: TlsMode) -> SessionConfig {
         max_errors: 10,
         allow_insecure_auth: false,
         relay_networks: Vec::new(),
+        policy: None,
     }
 }
 

@@ -107,3 +107,15 @@ pub struct AccountStats {
 
 /// The windows [`AccountStats`] counts over, in milliseconds.
 pub const STATS_WINDOWS: [i64; 3] = [60_000, 3_600_000, 86_400_000];
+
+/// A tenant's SMTP login; the hash is only handed to SMTP AUTH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpCredential {
+    pub id: String,
+    pub account_id: String,
+    /// Unique across the installation (and the config's `[[smtp.users]]`).
+    pub username: String,
+    /// argon2 PHC string.
+    pub password_hash: String,
+    pub created_at: i64,
+}

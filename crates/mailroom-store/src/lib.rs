@@ -22,7 +22,7 @@ pub mod sqlite;
 
 pub use directory::{
     Account, AccountStats, AccountStatus, ApiKey, IdempotencyHit, NewAccount, NewApiKey,
-    STATS_WINDOWS,
+    STATS_WINDOWS, SmtpCredential,
 };
 pub use sqlite::{SqliteOptions, SqliteStore};
 

@@ -1,6 +1,7 @@
 //! The `mailroom` binary: command line, wiring and signal handling. Thin by
 //! design: the work happens in the library crates.
 
+mod api_client;
 mod capture;
 mod config_file;
 mod control;
@@ -52,6 +53,27 @@ enum Command {
     /// Print an argon2 hash of a password read from standard input, for
     /// `[[smtp.users]] password_hash`.
     HashPassword,
+    /// Manage accounts (tenants) through the HTTP API, with the admin key.
+    Account {
+        #[command(flatten)]
+        target: ApiTarget,
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// Manage an account's API keys through the HTTP API.
+    Key {
+        #[command(flatten)]
+        target: ApiTarget,
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Send a message through the HTTP API.
+    Send {
+        #[command(flatten)]
+        target: ApiTarget,
+        #[command(flatten)]
+        args: SendArgs,
+    },
     /// Look into the queue.
     Queue {
         /// The server's config file (to find its data directory).
@@ -60,6 +82,85 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+}
+
+/// Which API to talk to, and as whom.
+#[derive(clap::Args)]
+struct ApiTarget {
+    /// The server's config file: its `http.addr` and `http.admin_key`.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// The API's base URL, e.g. http://127.0.0.1:8080 (default: from the config).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// The Bearer key (default: the config's http.admin_key).
+    #[arg(long, global = true)]
+    key: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Create an account.
+    Create {
+        name: String,
+        #[arg(long)]
+        contact: Option<String>,
+        /// A domain the account may send from (repeat for more; none: any).
+        #[arg(long)]
+        domain: Vec<String>,
+        #[arg(long)]
+        messages_per_minute: Option<u32>,
+        #[arg(long)]
+        recipients_per_day: Option<u32>,
+    },
+    /// List accounts.
+    List,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create an API key for an account; its secret is printed once.
+    Create {
+        /// The account id.
+        account: String,
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Revoke an API key.
+    Revoke {
+        /// The account id.
+        account: String,
+        /// The key id (from `key create` or the API's key list).
+        #[arg(value_name = "KEY_ID")]
+        key_id: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    #[arg(long)]
+    from: String,
+    /// A recipient (repeat for more).
+    #[arg(long, required = true)]
+    to: Vec<String>,
+    #[arg(long)]
+    cc: Vec<String>,
+    #[arg(long)]
+    bcc: Vec<String>,
+    #[arg(long)]
+    subject: Option<String>,
+    /// The text body.
+    #[arg(long, conflicts_with = "text_file")]
+    text: Option<String>,
+    /// Read the text body from a file.
+    #[arg(long)]
+    text_file: Option<PathBuf>,
+    /// Read an HTML body from a file.
+    #[arg(long)]
+    html_file: Option<PathBuf>,
+    /// A tag (repeat for more).
+    #[arg(long)]
+    tag: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +219,12 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
         Command::HashPassword => hash_password(),
+        Command::Account { target, command } => load(target.config.as_deref())
+            .and_then(|config| api_client::account(&config, &target, command)),
+        Command::Key { target, command } => load(target.config.as_deref())
+            .and_then(|config| api_client::key(&config, &target, command)),
+        Command::Send { target, args } => load(target.config.as_deref())
+            .and_then(|config| api_client::send(&config, &target, args)),
         Command::Queue { config, command } => {
             load(config.as_deref()).and_then(|config| queue::run(&config, command))
         }

@@ -118,12 +118,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         data_timeout: config.smtp.data_timeout,
         tls_handshake_timeout: Duration::from_secs(30).min(config.smtp.command_timeout),
     };
-    let credentials = Credentials::new(&config.smtp.users);
+    let logins = Arc::new(mailroom_smtp::auth::Logins::from_config(&config.smtp.users));
+    let credentials = Credentials::with_logins(logins.clone());
     let intake = Arc::new(QueueIntake {
         store: store.clone(),
         engine,
+        logins: logins.clone(),
     });
     let rates = Arc::new(mailroom_policy::RateLimiter::new());
+    // Tenants' SMTP logins follow their account's rules; the API owns the
+    // accounts, so without it only `[[smtp.users]]` logins exist.
+    let mut policy: Option<Arc<dyn mailroom_core::SessionPolicy>> = None;
     let http = match config.http.addr {
         Some(addr) => {
             let listener =
@@ -136,13 +141,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 max_recipients: config.smtp.max_recipients,
                 cors_origins: config.http.cors_origins.clone(),
             };
-            let state = mailroom_api::state(store.clone(), intake.clone(), settings, rates.clone())
-                .context("cannot load accounts and API keys")?;
+            let state = mailroom_api::state(
+                store.clone(),
+                intake.clone(),
+                settings,
+                rates.clone(),
+                logins.clone(),
+            )
+            .context("cannot load accounts and API keys")?;
             if config.http.admin_key.is_none() {
                 info!("no http.admin_key: only account keys are accepted");
             }
             info!(addr = %addr, "HTTP API listening");
             tokio::spawn(mailroom_api::flush_key_use(state.clone()));
+            policy = Some(Arc::new(mailroom_api::TenantPolicy::new(state.clone())) as _);
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let app = mailroom_api::router(state);
             let task = tokio::spawn(async move {
@@ -172,6 +184,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             max_errors: config.smtp.max_errors,
             allow_insecure_auth: config.smtp.allow_insecure_auth,
             relay_networks: config.smtp.relay_networks.clone(),
+            policy: policy.clone(),
         });
         info!(addr = %l.addr, role = ?l.role, tls = ?l.tls, "SMTP listening");
         tokio::spawn(server.clone().serve(listener, session));
@@ -223,6 +236,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 struct QueueIntake {
     store: SqliteStore,
     engine: Engine<SqliteStore>,
+    logins: Arc<mailroom_smtp::auth::Logins>,
 }
 
 impl mailroom_api::Queue for QueueIntake {
@@ -248,6 +262,13 @@ impl mailroom_api::Queue for QueueIntake {
 
 impl Intake for QueueIntake {
     async fn submit(&self, mut message: NewMessage) -> Result<(), IntakeError> {
+        // Mail from a tenant's SMTP login belongs to that account, as if it
+        // had come through the API with the account's key.
+        if message.meta.account.is_none()
+            && let Some(user) = &message.origin.auth_user
+        {
+            message.meta.account = self.logins.account_of(user);
+        }
         self.engine.route_locally(&mut message);
         let entries = entries_of(&message);
         self.store.submit(message).await?;

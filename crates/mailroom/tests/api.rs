@@ -996,3 +996,230 @@ fn stats_count_the_queue_and_activity() {
     assert_eq!(v["accounts"][&id]["accepted"]["1h"], 2);
     assert_eq!(v["accounts"]["none"]["accepted"]["1h"], 1);
 }
+
+#[test]
+fn tenants_smtp_logins_follow_the_account_rules() {
+    use base64::Engine as _;
+    let s = Setup::new()
+        .listener(Role::Submission, Tls::None)
+        .smtp("allow_insecure_auth = true")
+        .toml(
+            "[delivery]\nretry_initial = \"1h\"\nretry_max = \"1h\"\n\n\
+             [[delivery.routes]]\ndomain = \"*\"\nrelay = \"127.0.0.1:1\"\ntls = \"none\"",
+        )
+        .start();
+    let base = s.http_base();
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/accounts",
+        Some(ADMIN_KEY),
+        Some(
+            &json!({"name": "smtp-tenant", "allowed_sender_domains": ["shop.test"],
+                     "limits": {"messages_per_minute": 2, "recipients_per_day": 3}}),
+        ),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let key = http(
+        &base,
+        "POST",
+        &format!("/api/v1/accounts/{id}/keys"),
+        Some(ADMIN_KEY),
+        None,
+    )
+    .json()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = http(
+        &base,
+        "POST",
+        &format!("/api/v1/accounts/{id}/smtp-credentials"),
+        Some(&key),
+        Some(&json!({"username": "shop-mailer"})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let password = r.json()["password"].as_str().unwrap().to_owned();
+    let login_id = r.json()["id"].as_str().unwrap().to_owned();
+    let r = http(
+        &base,
+        "GET",
+        &format!("/api/v1/accounts/{id}/smtp-credentials"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.json()["data"][0]["username"], "shop-mailer");
+    assert!(!String::from_utf8_lossy(&r.body).contains(&password));
+    // The name is unique, also against the config's own logins.
+    let r = http(
+        &base,
+        "POST",
+        &format!("/api/v1/accounts/{id}/smtp-credentials"),
+        Some(&key),
+        Some(&json!({"username": "shop-mailer", "password": "long enough password"})),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (409, "username_taken"));
+
+    let token =
+        base64::engine::general_purpose::STANDARD.encode(format!("\0shop-mailer\0{password}"));
+    let mut c = common::Smtp::connect(s.addr(0));
+    c.ehlo();
+    c.cmd("AUTH PLAIN AHNob3AtbWFpbGVyAHdyb25n", "535");
+    c.cmd(&format!("AUTH PLAIN {token}"), "235");
+    c.cmd("MAIL FROM:<x@elsewhere.test>", "553 5.7.1");
+    // From: must be the account's too.
+    c.cmd("MAIL FROM:<news@shop.test>", "250");
+    c.cmd("RCPT TO:<a@remote.test>", "250");
+    c.cmd("DATA", "354");
+    c.send(b"From: x@elsewhere.test\r\nSubject: s\r\n\r\nbody\r\n.\r\n");
+    c.expect("550 5.7.1");
+    // A good one, counted for the account.
+    let queued = c.send_mail(
+        "news@shop.test",
+        &["b@remote.test"],
+        b"From: News <news@mail.shop.test>\r\n\r\nhi\r\n",
+    );
+    let r = http(
+        &base,
+        "GET",
+        &format!("/api/v1/messages/{queued}"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 200, "SMTP mail belongs to the account");
+    assert_eq!(r.json()["account_id"], id.as_str());
+    // Two MAILs a minute were allowed (both taken above); the third waits.
+    c.cmd("MAIL FROM:<news@shop.test>", "451 4.7.1");
+    // Recipients per day: 3, two are used.
+    http(
+        &base,
+        "PATCH",
+        &format!("/api/v1/accounts/{id}"),
+        Some(ADMIN_KEY),
+        Some(&json!({"limits": {"messages_per_minute": 100, "recipients_per_day": 1}})),
+    );
+    c.cmd("MAIL FROM:<news@shop.test>", "250");
+    c.cmd("RCPT TO:<c@remote.test>", "250");
+    c.cmd("RCPT TO:<d@remote.test>", "452 4.5.3");
+    c.cmd("QUIT", "221");
+
+    // A deleted login no longer authenticates.
+    let r = http(
+        &base,
+        "DELETE",
+        &format!("/api/v1/accounts/{id}/smtp-credentials/{login_id}"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let mut c = common::Smtp::connect(s.addr(0));
+    c.ehlo();
+    c.cmd(&format!("AUTH PLAIN {token}"), "535");
+}
+
+#[test]
+fn cli_manages_accounts_and_keys_and_sends_through_the_api() {
+    let s = server();
+    let config = s.config_path.to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let out = common::cli(args, &[], None);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let created: Value = serde_json::from_str(&run(&[
+        "account",
+        "create",
+        "cli-shop",
+        "--domain",
+        "shop.test",
+        "--messages-per-minute",
+        "60",
+        "--config",
+        &config,
+    ]))
+    .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["limits"]["messages_per_minute"], 60);
+    let list = run(&["account", "list", "--config", &config]);
+    assert!(list.contains(&id) && list.contains("shop.test"), "{list}");
+    let key: Value = serde_json::from_str(&run(&[
+        "key", "create", &id, "--name", "ci", "--config", &config,
+    ]))
+    .unwrap();
+    let secret = key["secret"].as_str().unwrap().to_owned();
+    let url = s.http_base();
+    let sent: Value = serde_json::from_str(&run(&[
+        "send",
+        "--url",
+        &url,
+        "--key",
+        &secret,
+        "--from",
+        "a@shop.test",
+        "--to",
+        "b@remote.test",
+        "--subject",
+        "from the cli",
+        "--text",
+        "hello",
+    ]))
+    .unwrap();
+    assert_eq!(sent["status"], "queued");
+    let stored = s.message(sent["id"].as_str().unwrap());
+    assert_eq!(stored.meta.account.as_deref(), Some(id.as_str()));
+    // Errors come back named, with a failing exit status.
+    let out = common::cli(
+        &[
+            "send",
+            "--url",
+            &url,
+            "--key",
+            &secret,
+            "--from",
+            "a@other.test",
+            "--to",
+            "b@remote.test",
+            "--text",
+            "x",
+        ],
+        &[],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sender_domain_not_allowed"));
+    run(&[
+        "key",
+        "revoke",
+        &id,
+        key["id"].as_str().unwrap(),
+        "--config",
+        &config,
+    ]);
+    let out = common::cli(
+        &[
+            "send",
+            "--url",
+            &url,
+            "--key",
+            &secret,
+            "--from",
+            "a@shop.test",
+            "--to",
+            "b@remote.test",
+            "--text",
+            "x",
+        ],
+        &[],
+        None,
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{out:?}"
+    );
+}

@@ -108,6 +108,7 @@ impl TestServer {
             max_errors: 10,
             allow_insecure_auth: setup.allow_insecure_auth,
             relay_networks: Vec::new(),
+            policy: None,
         });
         tokio::spawn(server.serve(listener, config));
         TestServer {

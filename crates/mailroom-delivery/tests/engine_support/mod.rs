@@ -242,6 +242,7 @@ impl MailSink {
             max_errors: 10,
             allow_insecure_auth: false,
             relay_networks: Vec::new(),
+            policy: None,
         });
         tokio::spawn(server.serve(listener, config));
         MailSink {

@@ -12,7 +12,7 @@ use super::SqliteStore;
 use super::writer::Change;
 use crate::{
     Account, AccountStats, AccountStatus, ApiKey, IdempotencyHit, NewApiKey, STATS_WINDOWS,
-    StoreError,
+    SmtpCredential, StoreError,
 };
 
 const ACCOUNT_COLUMNS: &str = "id, name, contact, allowed_sender_domains, \
@@ -73,6 +73,8 @@ impl SqliteStore {
         let id = id.to_owned();
         self.directory(move |conn| {
             conn.prepare_cached("DELETE FROM api_keys WHERE account_id = ?1")?
+                .execute([&id])?;
+            conn.prepare_cached("DELETE FROM smtp_credentials WHERE account_id = ?1")?
                 .execute([&id])?;
             conn.prepare_cached("DELETE FROM accounts WHERE id = ?1")?
                 .execute([&id])
@@ -219,6 +221,67 @@ impl SqliteStore {
                 .map(|n| n as u64)
         })
         .await
+    }
+
+    /// Stores a tenant's SMTP login; [`StoreError::Conflict`] when the
+    /// username is taken.
+    pub async fn create_smtp_credential(&self, c: SmtpCredential) -> Result<(), StoreError> {
+        self.directory(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO smtp_credentials (id, account_id, username, password_hash, \
+                 created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                c.id,
+                c.account_id,
+                c.username,
+                c.password_hash,
+                c.created_at
+            ])
+            .map(|n| n as u64)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes one of an account's SMTP logins; its username if it existed.
+    pub async fn delete_smtp_credential(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<bool, StoreError> {
+        let (account_id, id) = (account_id.to_owned(), id.to_owned());
+        self.directory(move |conn| {
+            conn.prepare_cached("DELETE FROM smtp_credentials WHERE id = ?1 AND account_id = ?2")?
+                .execute(params![id, account_id])
+                .map(|n| n as u64)
+        })
+        .await
+        .map(|n| n > 0)
+    }
+
+    /// SMTP logins: one account's, or every account's when `None`.
+    pub fn smtp_credentials(
+        &self,
+        account_id: Option<&str>,
+    ) -> Result<Vec<SmtpCredential>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, account_id, username, password_hash, created_at \
+                 FROM smtp_credentials WHERE ?1 IS NULL OR account_id = ?1 \
+                 ORDER BY created_at, id",
+            )?;
+            let rows = stmt.query_map([account_id], |row| {
+                Ok(SmtpCredential {
+                    id: row.get(0)?,
+                    account_id: row.get(1)?,
+                    username: row.get(2)?,
+                    password_hash: row.get(3)?,
+                    created_at: row.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
     }
 
     /// Queue depth and recent activity per account, as of `now` (unix ms).

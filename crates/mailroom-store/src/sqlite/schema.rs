@@ -110,6 +110,18 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX api_keys_by_account ON api_keys(account_id);
     "#,
+    // 4: SMTP logins of tenants (argon2 hashes; the operator's own logins
+    // stay in the config file).
+    r#"
+    CREATE TABLE smtp_credentials (
+        id            TEXT    PRIMARY KEY NOT NULL,
+        account_id    TEXT    NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        username      TEXT    NOT NULL UNIQUE,
+        password_hash TEXT    NOT NULL,
+        created_at    INTEGER NOT NULL
+    );
+    CREATE INDEX smtp_credentials_by_account ON smtp_credentials(account_id);
+    "#,
 ];
 
 /// The schema version this build creates and understands.
