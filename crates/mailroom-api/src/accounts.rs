@@ -312,6 +312,7 @@ pub async fn delete(
     state.tenants.remove_account(&id);
     state.rates.reset(&id);
     state.logins.remove_account(&id);
+    state.hooks.remove_account(&id);
     tracing::info!(account_id = %id, "account deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -13,6 +13,7 @@ pub mod send;
 pub mod smtp_logins;
 pub mod state;
 pub mod stats;
+pub mod webhooks;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,6 +61,11 @@ pub use state::{ApiSettings, AppState, Queue};
         smtp_logins::create,
         smtp_logins::list,
         smtp_logins::delete,
+        webhooks::create,
+        webhooks::list,
+        webhooks::get,
+        webhooks::delete,
+        webhooks::deliveries,
     ),
     modifiers(&Security),
     tags(
@@ -67,6 +73,7 @@ pub use state::{ApiSettings, AppState, Queue};
         (name = "accounts", description = "Tenants"),
         (name = "keys", description = "An account's API keys"),
         (name = "smtp", description = "An account's SMTP logins"),
+        (name = "webhooks", description = "Events POSTed to an account's URLs, signed"),
     )
 )]
 pub struct ApiDoc;
@@ -93,6 +100,9 @@ pub fn state(
     logins: Arc<mailroom_smtp::auth::Logins>,
 ) -> Result<AppState, StoreError> {
     let tenants = Tenants::load(&store)?;
+    let hooks = webhooks::Hooks::default();
+    hooks.replace(store.webhooks()?);
+    let webhook_settings = settings.webhooks;
     for c in store.smtp_credentials(None)? {
         if logins.contains(&c.username) {
             tracing::warn!(
@@ -118,6 +128,8 @@ pub fn state(
         in_flight: Mutex::new(Default::default()),
         rates,
         logins,
+        hooks,
+        webhook_settings,
     }))
 }
 
@@ -164,6 +176,18 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/accounts/{id}/smtp-credentials/{credential_id}",
             axum::routing::delete(smtp_logins::delete),
+        )
+        .route(
+            "/api/v1/webhooks",
+            post(webhooks::create).get(webhooks::list),
+        )
+        .route(
+            "/api/v1/webhooks/{id}",
+            get(webhooks::get).delete(webhooks::delete),
+        )
+        .route(
+            "/api/v1/webhooks/{id}/deliveries",
+            get(webhooks::deliveries),
         )
         // The short paths of the first plan.
         .route("/send", post(messages::send))

@@ -36,6 +36,7 @@ pub struct ApiSettings {
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub cors_origins: Vec<String>,
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 pub struct Shared {
@@ -52,6 +53,8 @@ pub struct Shared {
     pub(crate) rates: Arc<mailroom_policy::RateLimiter>,
     /// SMTP logins, shared with the SMTP server's AUTH.
     pub(crate) logins: Arc<mailroom_smtp::auth::Logins>,
+    pub(crate) hooks: crate::webhooks::Hooks,
+    pub(crate) webhook_settings: crate::webhooks::WebhookSettings,
 }
 
 /// Cheap to clone: handlers get it by value.

@@ -283,6 +283,15 @@ pub struct HttpConfig {
     pub max_body_size: usize,
     /// Origins a browser may call the API from (`*` for any); empty: no CORS.
     pub cors_origins: Vec<String>,
+    /// Wait before a failed webhook call is tried again; doubles each time,
+    /// up to an hour.
+    #[serde(with = "crate::duration")]
+    pub webhook_retry_initial: Duration,
+    /// Calls of a webhook for one event before it is logged as failed.
+    pub webhook_max_attempts: u32,
+    /// One webhook call's time limit.
+    #[serde(with = "crate::duration")]
+    pub webhook_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -292,6 +301,9 @@ impl Default for HttpConfig {
             admin_key: None,
             max_body_size: 40 * 1024 * 1024,
             cors_origins: Vec::new(),
+            webhook_retry_initial: Duration::from_secs(10),
+            webhook_max_attempts: 12,
+            webhook_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -732,6 +744,12 @@ impl Config {
                     "must be an argon2 hash (see `mailroom hash-password`)",
                 ));
             }
+        }
+        if self.http.webhook_max_attempts == 0 || self.http.webhook_timeout.is_zero() {
+            return Err(invalid(
+                "http.webhook_max_attempts",
+                "webhook_max_attempts and webhook_timeout must be above 0",
+            ));
         }
         if self.http.max_body_size == 0 {
             return Err(invalid("http.max_body_size", "must be greater than 0"));

@@ -9,6 +9,7 @@ pub mod address;
 pub mod config;
 pub mod duration;
 pub mod envelope;
+pub mod event;
 pub mod intake;
 pub mod message;
 pub mod reply;
@@ -16,6 +17,7 @@ pub mod time;
 
 pub use address::{Address, AddressError};
 pub use envelope::{BodyType, Envelope, Notify, Recipient, Ret};
+pub use event::{EventKind, MessageEvent};
 pub use intake::{AuthAttempt, Intake, IntakeError, Receipt, SessionFacts, SessionPolicy};
 pub use message::{IdempotencyRecord, MessageId, MessageMeta, NewMessage, Origin};
 pub use reply::Reply;

@@ -14,7 +14,7 @@ use std::time::Instant;
 use mailroom_core::config::{DeliveryConfig, RouteConfig};
 use mailroom_core::reply::{Enhanced, Reply};
 use mailroom_core::time::now_unix_millis;
-use mailroom_core::{Envelope, MessageId, NewMessage, Origin, Recipient};
+use mailroom_core::{Envelope, EventKind, MessageEvent, MessageId, NewMessage, Origin, Recipient};
 use mailroom_store::{Attempt, RecipientState, RecipientUpdate, Store, StoreError, StoredMessage};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -56,6 +56,8 @@ struct Inner<S> {
     pool: Pool,
     /// Total permits of `concurrency`, to know when nothing is in flight.
     permits: u32,
+    /// Where tenants' delivery events go (webhooks), once wired.
+    events: std::sync::OnceLock<tokio::sync::mpsc::Sender<MessageEvent>>,
 }
 
 /// What became of one recipient in one attempt.
@@ -108,8 +110,16 @@ impl<S: Store + Clone> Engine<S> {
                     config.max_messages_per_connection,
                     config.connection_limit,
                 ),
+                events: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Sends an event for every recorded outcome of a tenant's message to
+    /// `events`. The channel is bounded: a slow consumer slows delivery
+    /// down rather than losing events or growing without limit.
+    pub fn report_to(&self, events: tokio::sync::mpsc::Sender<MessageEvent>) {
+        let _ = self.inner.events.set(events);
     }
 
     /// Schedules every recipient the store still has to deliver; returns
@@ -376,12 +386,15 @@ impl<S: Store + Clone> Engine<S> {
         let mut retry = Vec::new();
         let mut bounced = Vec::new();
         let mut notices: Vec<(u32, Reply, Action)> = Vec::new();
+        let mut events = Vec::new();
         for (&idx, outcome) in idxs.iter().zip(outcomes) {
             let mut state = outcome.state;
             let mut reply = outcome.reply;
+            let mut expired = false;
             if state == RecipientState::Deferred
                 && self.inner.policy.expired(message.received_at, now)
             {
+                expired = true;
                 state = RecipientState::Failed;
                 reply = Reply::owned(
                     554,
@@ -417,6 +430,28 @@ impl<S: Store + Clone> Engine<S> {
                 }
                 _ => {}
             }
+            if let Some(account) = &message.meta.account {
+                let kind = match state {
+                    RecipientState::Delivered => EventKind::Delivered,
+                    RecipientState::Deferred => EventKind::Deferred,
+                    // A refusal by the recipient's own server is a bounce;
+                    // giving up for any other reason is a failure.
+                    RecipientState::Failed if !expired && route.ip.is_some() => EventKind::Bounced,
+                    _ => EventKind::Failed,
+                };
+                events.push(MessageEvent {
+                    kind,
+                    message_id: message.id,
+                    account: account.clone(),
+                    recipient: message
+                        .recipients
+                        .get(idx as usize)
+                        .map(|r| r.recipient.address.as_str().to_owned()),
+                    at: now,
+                    reply: Some(text.clone()),
+                    mx_host: route.mx_host.clone(),
+                });
+            }
             updates.push(RecipientUpdate {
                 message_id: message.id,
                 idx,
@@ -438,6 +473,12 @@ impl<S: Store + Clone> Engine<S> {
             // Not recorded: the recipients stay as they were in the store
             // and are tried again after a restart; keep them scheduled now.
             warn!(error = %err, "cannot record delivery results");
+        } else if let Some(tx) = self.inner.events.get() {
+            for event in events {
+                if tx.send(event).await.is_err() {
+                    break;
+                }
+            }
         }
         self.inner.scheduler.add(retry);
         if !bounced.is_empty() {

@@ -119,3 +119,36 @@ pub struct SmtpCredential {
     pub password_hash: String,
     pub created_at: i64,
 }
+
+/// An account's webhook: where its events are POSTed, signed with `secret`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub id: String,
+    pub account_id: String,
+    pub url: String,
+    /// The HMAC-SHA256 key for `X-Mailroom-Signature`.
+    pub secret: String,
+    /// Event kinds sent (`delivered`, `bounced`, ...).
+    pub events: Vec<String>,
+    pub created_at: i64,
+}
+
+/// One event's delivery to one webhook: the log, and the retry queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookDelivery {
+    pub id: String,
+    pub webhook_id: String,
+    /// Stable across retries: receivers de-duplicate on it.
+    pub event_id: String,
+    pub event_type: String,
+    /// The JSON body sent.
+    pub payload: String,
+    /// `pending`, `delivered` or `failed` (retries ran out).
+    pub state: String,
+    pub attempts: u32,
+    pub next_attempt_at: Option<i64>,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub delivered_at: Option<i64>,
+}

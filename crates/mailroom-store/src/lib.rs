@@ -22,7 +22,7 @@ pub mod sqlite;
 
 pub use directory::{
     Account, AccountStats, AccountStatus, ApiKey, IdempotencyHit, NewAccount, NewApiKey,
-    STATS_WINDOWS, SmtpCredential,
+    STATS_WINDOWS, SmtpCredential, Webhook, WebhookDelivery,
 };
 pub use sqlite::{SqliteOptions, SqliteStore};
 

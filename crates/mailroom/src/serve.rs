@@ -120,10 +120,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let logins = Arc::new(mailroom_smtp::auth::Logins::from_config(&config.smtp.users));
     let credentials = Credentials::with_logins(logins.clone());
+    // Tenants' message events, for their webhooks. Bounded: if webhook
+    // bookkeeping falls behind, delivery waits for it rather than losing
+    // events.
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(4096);
+    let events = config.http.addr.is_some().then_some(events_tx);
+    if let Some(tx) = &events {
+        engine.report_to(tx.clone());
+    }
     let intake = Arc::new(QueueIntake {
         store: store.clone(),
         engine,
         logins: logins.clone(),
+        events,
     });
     let rates = Arc::new(mailroom_policy::RateLimiter::new());
     // Tenants' SMTP logins follow their account's rules; the API owns the
@@ -140,6 +149,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 max_message_size: config.smtp.max_message_size,
                 max_recipients: config.smtp.max_recipients,
                 cors_origins: config.http.cors_origins.clone(),
+                webhooks: mailroom_api::webhooks::WebhookSettings {
+                    retry_initial: config.http.webhook_retry_initial,
+                    max_attempts: config.http.webhook_max_attempts,
+                    timeout: config.http.webhook_timeout,
+                },
             };
             let state = mailroom_api::state(
                 store.clone(),
@@ -154,6 +168,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
             info!(addr = %addr, "HTTP API listening");
             tokio::spawn(mailroom_api::flush_key_use(state.clone()));
+            tokio::spawn(mailroom_api::webhooks::dispatch(state.clone(), events_rx));
             policy = Some(Arc::new(mailroom_api::TenantPolicy::new(state.clone())) as _);
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let app = mailroom_api::router(state);
@@ -237,20 +252,44 @@ struct QueueIntake {
     store: SqliteStore,
     engine: Engine<SqliteStore>,
     logins: Arc<mailroom_smtp::auth::Logins>,
+    events: Option<tokio::sync::mpsc::Sender<mailroom_core::MessageEvent>>,
+}
+
+impl QueueIntake {
+    /// Stores a routed message, schedules it, and reports it queued.
+    async fn queue(&self, mut message: NewMessage) -> Result<(), StoreError> {
+        self.engine.route_locally(&mut message);
+        let entries = entries_of(&message);
+        let queued = match (&self.events, &message.meta.account) {
+            (Some(tx), Some(account)) => Some((
+                tx,
+                mailroom_core::MessageEvent {
+                    kind: mailroom_core::EventKind::Queued,
+                    message_id: message.id,
+                    account: account.clone(),
+                    recipient: None,
+                    at: message.received_at,
+                    reply: None,
+                    mx_host: None,
+                },
+            )),
+            _ => None,
+        };
+        self.store.enqueue(message).await?;
+        self.engine.schedule(entries);
+        if let Some((tx, event)) = queued {
+            let _ = tx.send(event).await;
+        }
+        Ok(())
+    }
 }
 
 impl mailroom_api::Queue for QueueIntake {
     fn submit(
         &self,
-        mut message: NewMessage,
+        message: NewMessage,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>> {
-        Box::pin(async move {
-            self.engine.route_locally(&mut message);
-            let entries = entries_of(&message);
-            self.store.enqueue(message).await?;
-            self.engine.schedule(entries);
-            Ok(())
-        })
+        Box::pin(self.queue(message))
     }
 
     fn reschedule(&self, id: &MessageId) {
@@ -269,11 +308,10 @@ impl Intake for QueueIntake {
         {
             message.meta.account = self.logins.account_of(user);
         }
-        self.engine.route_locally(&mut message);
-        let entries = entries_of(&message);
-        self.store.submit(message).await?;
-        self.engine.schedule(entries);
-        Ok(())
+        self.queue(message).await.map_err(|e| match e {
+            StoreError::ShuttingDown => IntakeError::ShuttingDown,
+            other => IntakeError::Store(other.to_string()),
+        })
     }
 }
 

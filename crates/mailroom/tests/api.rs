@@ -1223,3 +1223,264 @@ fn cli_manages_accounts_and_keys_and_sends_through_the_api() {
         "{out:?}"
     );
 }
+
+/// A webhook receiver on loopback: answers the first `failures` requests
+/// with 500, the rest with 200, and keeps every request (headers, body).
+struct Receiver {
+    url: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+/// A request's headers and body, and the status it was answered with.
+type Received = (Vec<(String, String)>, String, u16);
+
+impl Receiver {
+    fn start(failures: usize) -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hooks/mail", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut headers = Vec::new();
+                let mut line = String::new();
+                let mut length = 0;
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = l.split_once(':') {
+                        let (name, value) =
+                            (name.trim().to_ascii_lowercase(), value.trim().to_owned());
+                        if name == "content-length" {
+                            length = value.parse().unwrap_or(0);
+                        }
+                        headers.push((name, value));
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let status = if n < failures { 500 } else { 200 };
+                seen.lock().unwrap().push((
+                    headers,
+                    String::from_utf8_lossy(&body).into_owned(),
+                    status,
+                ));
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        Receiver { url, requests }
+    }
+
+    /// Bodies answered 200, as JSON, with their headers.
+    fn accepted(&self) -> Vec<(Vec<(String, String)>, Value)> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, status)| *status == 200)
+            .map(|(h, b, _)| (h.clone(), serde_json::from_str(b).unwrap()))
+            .collect()
+    }
+}
+
+#[test]
+fn whole_path_send_deliver_and_a_signed_webhook() {
+    let sink = Setup::new().listener(Role::Mx, Tls::None).start();
+    let receiver = Receiver::start(1);
+    let s = Setup::new()
+        .listener(Role::Mx, Tls::None)
+        .local_domain("sender.test")
+        .http("webhook_retry_initial = \"200ms\"")
+        .toml(&format!(
+            "[[delivery.routes]]\ndomain = \"*\"\nrelay = \"127.0.0.1:{}\"\ntls = \"none\"",
+            sink.port(0)
+        ))
+        .start();
+    let base = s.http_base();
+    let (account_id, key) = account(&s, "hooked", &[]);
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/webhooks",
+        Some(&key),
+        Some(&json!({"url": receiver.url, "events": ["queued", "delivered", "bounced"]})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let hook = r.json();
+    let secret = hook["secret"].as_str().unwrap().to_owned();
+    let hook_id = hook["id"].as_str().unwrap().to_owned();
+    let r = http(
+        &base,
+        "GET",
+        &format!("/api/v1/webhooks/{hook_id}"),
+        Some(&key),
+        None,
+    );
+    assert!(r.json().get("secret").is_none(), "the secret is shown once");
+
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&key),
+        Some(
+            &json!({"from": "app@sender.test", "to": "user@example.test", "subject": "hooked", "text": "x"}),
+        ),
+    );
+    assert_eq!(r.status, 202);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    // Delivered to the sink, and the API says so.
+    poll(Duration::from_secs(20), || {
+        let v = http(
+            &base,
+            "GET",
+            &format!("/api/v1/messages/{id}"),
+            Some(&key),
+            None,
+        )
+        .json();
+        (v["status"] == "delivered").then_some(())
+    })
+    .expect("delivered");
+    // Both events arrive, signed; the first call got a 500 and was retried.
+    let events = poll(Duration::from_secs(20), || {
+        let got = receiver.accepted();
+        (got.len() >= 2).then_some(got)
+    })
+    .expect("two webhook events");
+    let raw: Vec<String> = receiver
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.2 == 200)
+        .map(|r| r.1.clone())
+        .collect();
+    let mut kinds = Vec::new();
+    for ((headers, body), raw) in events.iter().zip(&raw) {
+        assert_eq!(body["account_id"], account_id.as_str());
+        assert_eq!(body["data"]["message_id"], id.as_str());
+        let event_id = &headers
+            .iter()
+            .find(|(n, _)| n == "x-mailroom-event-id")
+            .unwrap()
+            .1;
+        assert_eq!(body["id"], event_id.as_str());
+        // Checked as a receiver must: HMAC over `t.` and the raw body.
+        use hmac::Mac;
+        let sig = &headers
+            .iter()
+            .find(|(n, _)| n == "x-mailroom-signature")
+            .unwrap()
+            .1;
+        let (t, v1) = sig.split_once(',').unwrap();
+        let age = mailroom_core::time::now_unix_millis() / 1000 - t[2..].parse::<i64>().unwrap();
+        assert!((0..300).contains(&age), "{sig}");
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{}.{raw}", &t[2..]).as_bytes());
+        assert_eq!(hex::encode(mac.finalize().into_bytes()), &v1[3..]);
+        kinds.push(body["type"].as_str().unwrap().to_owned());
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["delivered", "queued"]);
+    assert_eq!(
+        events
+            .iter()
+            .find(|(_, b)| b["type"] == "delivered")
+            .unwrap()
+            .1["data"]["recipient"],
+        "user@example.test"
+    );
+
+    // The delivery log: one retried once, both delivered.
+    let log = poll(Duration::from_secs(10), || {
+        let v = http(
+            &base,
+            "GET",
+            &format!("/api/v1/webhooks/{hook_id}/deliveries"),
+            Some(&key),
+            None,
+        )
+        .json();
+        let data = v["data"].as_array().cloned().unwrap_or_default();
+        (data.len() == 2 && data.iter().all(|d| d["state"] == "delivered")).then_some(data)
+    })
+    .expect("both deliveries logged as delivered");
+    let attempts: u64 = log.iter().map(|d| d["attempts"].as_u64().unwrap()).sum();
+    assert_eq!(attempts, 3, "{log:?}");
+    assert!(log.iter().any(|d| d["last_status"] == 200));
+
+    // Another tenant sees none of it.
+    let (_, other) = account(&s, "other", &[]);
+    for path in [
+        format!("/api/v1/webhooks/{hook_id}"),
+        format!("/api/v1/webhooks/{hook_id}/deliveries"),
+    ] {
+        assert_eq!(
+            http(&base, "GET", &path, Some(&other), None).status,
+            404,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        http(
+            &base,
+            "DELETE",
+            &format!("/api/v1/webhooks/{hook_id}"),
+            Some(&other),
+            None
+        )
+        .status,
+        404
+    );
+    assert_eq!(
+        http(&base, "GET", "/api/v1/webhooks", Some(&other), None).json()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // Bad input is named.
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/webhooks",
+        Some(&other),
+        Some(&json!({"url": "ftp://x"})),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["field"].as_str()),
+        (422, Some("url"))
+    );
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/webhooks",
+        Some(&other),
+        Some(&json!({"url": receiver.url, "events": ["opened"]})),
+    );
+    assert_eq!(r.status, 422);
+    assert_eq!(
+        http(
+            &base,
+            "DELETE",
+            &format!("/api/v1/webhooks/{hook_id}"),
+            Some(&key),
+            None
+        )
+        .status,
+        204
+    );
+}

@@ -12,7 +12,7 @@ use super::SqliteStore;
 use super::writer::Change;
 use crate::{
     Account, AccountStats, AccountStatus, ApiKey, IdempotencyHit, NewApiKey, STATS_WINDOWS,
-    SmtpCredential, StoreError,
+    SmtpCredential, StoreError, Webhook, WebhookDelivery,
 };
 
 const ACCOUNT_COLUMNS: &str = "id, name, contact, allowed_sender_domains, \
@@ -75,6 +75,13 @@ impl SqliteStore {
             conn.prepare_cached("DELETE FROM api_keys WHERE account_id = ?1")?
                 .execute([&id])?;
             conn.prepare_cached("DELETE FROM smtp_credentials WHERE account_id = ?1")?
+                .execute([&id])?;
+            conn.prepare_cached(
+                "DELETE FROM webhook_deliveries WHERE webhook_id IN \
+                 (SELECT id FROM webhooks WHERE account_id = ?1)",
+            )?
+            .execute([&id])?;
+            conn.prepare_cached("DELETE FROM webhooks WHERE account_id = ?1")?
                 .execute([&id])?;
             conn.prepare_cached("DELETE FROM accounts WHERE id = ?1")?
                 .execute([&id])
@@ -281,6 +288,176 @@ impl SqliteStore {
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    pub async fn create_webhook(&self, w: Webhook) -> Result<(), StoreError> {
+        let events = serde_json::to_string(&w.events)
+            .map_err(|e| StoreError::Invalid(format!("webhook events: {e}")))?;
+        self.directory(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO webhooks (id, account_id, url, secret, events, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                w.id,
+                w.account_id,
+                w.url,
+                w.secret,
+                events,
+                w.created_at
+            ])
+            .map(|n| n as u64)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes a webhook and its delivery log; false when there is none.
+    pub async fn delete_webhook(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.directory(move |conn| {
+            conn.prepare_cached("DELETE FROM webhook_deliveries WHERE webhook_id = ?1")?
+                .execute([&id])?;
+            conn.prepare_cached("DELETE FROM webhooks WHERE id = ?1")?
+                .execute([&id])
+                .map(|n| n as u64)
+        })
+        .await
+        .map(|n| n > 0)
+    }
+
+    /// Every webhook, oldest first.
+    pub fn webhooks(&self) -> Result<Vec<Webhook>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, account_id, url, secret, events, created_at FROM webhooks \
+                 ORDER BY created_at, id",
+            )?;
+            let mut rows = stmt.query([])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let id: String = row.get(0)?;
+                let events: String = row.get(4)?;
+                let events = serde_json::from_str(&events)
+                    .map_err(|e| StoreError::Corrupt(format!("webhooks.events of {id}: {e}")))?;
+                out.push(Webhook {
+                    id,
+                    account_id: row.get(1)?,
+                    url: row.get(2)?,
+                    secret: row.get(3)?,
+                    events,
+                    created_at: row.get(5)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Records new deliveries (state `pending`), all in one commit.
+    pub async fn add_webhook_deliveries(
+        &self,
+        deliveries: Vec<WebhookDelivery>,
+    ) -> Result<(), StoreError> {
+        self.directory(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, payload, \
+                 state, attempts, next_attempt_at, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?7)",
+            )?;
+            let mut n = 0;
+            for d in &deliveries {
+                n += stmt.execute(params![
+                    d.id,
+                    d.webhook_id,
+                    d.event_id,
+                    d.event_type,
+                    d.payload,
+                    d.next_attempt_at,
+                    d.created_at
+                ])? as u64;
+            }
+            Ok(n)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Records an attempt's result for a delivery.
+    pub async fn update_webhook_delivery(&self, d: WebhookDelivery) -> Result<(), StoreError> {
+        self.directory(move |conn| {
+            conn.prepare_cached(
+                "UPDATE webhook_deliveries SET state = ?2, attempts = ?3, next_attempt_at = ?4, \
+                 last_status = ?5, last_error = ?6, delivered_at = ?7 WHERE id = ?1",
+            )?
+            .execute(params![
+                d.id,
+                d.state,
+                d.attempts,
+                d.next_attempt_at,
+                d.last_status,
+                d.last_error,
+                d.delivered_at
+            ])
+            .map(|n| n as u64)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Deliveries still to make (after a restart).
+    pub fn pending_webhook_deliveries(&self) -> Result<Vec<WebhookDelivery>, StoreError> {
+        self.webhook_delivery_rows("WHERE state = 'pending' ORDER BY id", None, None)
+    }
+
+    /// A webhook's delivery log, newest first.
+    pub fn webhook_deliveries(
+        &self,
+        webhook_id: &str,
+        limit: usize,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        self.webhook_delivery_rows(
+            "WHERE webhook_id = ?1 ORDER BY id DESC LIMIT ?2",
+            Some(webhook_id),
+            Some(limit),
+        )
+    }
+
+    fn webhook_delivery_rows(
+        &self,
+        filter: &str,
+        webhook_id: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT id, webhook_id, event_id, event_type, payload, state, attempts, \
+                 next_attempt_at, last_status, last_error, created_at, delivered_at \
+                 FROM webhook_deliveries {filter}"
+            ))?;
+            let map = |row: &Row<'_>| {
+                Ok(WebhookDelivery {
+                    id: row.get(0)?,
+                    webhook_id: row.get(1)?,
+                    event_id: row.get(2)?,
+                    event_type: row.get(3)?,
+                    payload: row.get(4)?,
+                    state: row.get(5)?,
+                    attempts: row.get(6)?,
+                    next_attempt_at: row.get(7)?,
+                    last_status: row.get(8)?,
+                    last_error: row.get(9)?,
+                    created_at: row.get(10)?,
+                    delivered_at: row.get(11)?,
+                })
+            };
+            let rows = match (webhook_id, limit) {
+                (Some(id), Some(limit)) => stmt
+                    .query_map(params![id, limit.min(10_000) as i64], map)?
+                    .collect::<Result<Vec<_>, _>>()?,
+                _ => stmt.query_map([], map)?.collect::<Result<Vec<_>, _>>()?,
+            };
+            Ok(rows)
         })
     }
 

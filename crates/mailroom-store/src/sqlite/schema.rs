@@ -122,6 +122,37 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX smtp_credentials_by_account ON smtp_credentials(account_id);
     "#,
+    // 5: webhooks per account and every delivery of an event to one, kept
+    // as the delivery log and as the retry queue (pending rows).
+    r#"
+    CREATE TABLE webhooks (
+        id         TEXT    PRIMARY KEY NOT NULL,
+        account_id TEXT    NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        url        TEXT    NOT NULL,
+        secret     TEXT    NOT NULL,
+        events     TEXT    NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX webhooks_by_account ON webhooks(account_id);
+
+    CREATE TABLE webhook_deliveries (
+        id              TEXT    PRIMARY KEY NOT NULL,
+        webhook_id      TEXT    NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,
+        event_id        TEXT    NOT NULL,
+        event_type      TEXT    NOT NULL,
+        payload         TEXT    NOT NULL,
+        state           TEXT    NOT NULL,
+        attempts        INTEGER NOT NULL,
+        next_attempt_at INTEGER,
+        last_status     INTEGER,
+        last_error      TEXT,
+        created_at      INTEGER NOT NULL,
+        delivered_at    INTEGER
+    );
+    CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries(webhook_id, id);
+    CREATE INDEX webhook_deliveries_pending ON webhook_deliveries(state)
+        WHERE state = 'pending';
+    "#,
 ];
 
 /// The schema version this build creates and understands.
