@@ -96,7 +96,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_domains(domains: &[String]) -> Result<Vec<String>, ApiError> {
+pub(crate) fn check_domains(domains: &[String]) -> Result<Vec<String>, ApiError> {
     domains
         .iter()
         .enumerate()

@@ -125,6 +125,26 @@ impl Tenants {
             .cloned()
     }
 
+    /// The account that lists `domain` among its sender domains.
+    pub fn owner_of(&self, domain: &str) -> Option<String> {
+        self.accounts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .find(|a| a.allowed_sender_domains.iter().any(|d| d == domain))
+            .map(|a| a.id.clone())
+    }
+
+    /// Every account, in no particular order.
+    pub fn all_accounts(&self) -> Vec<Account> {
+        self.accounts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub fn put_account(&self, account: Account) {
         self.accounts
             .write()

@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod domains;
 pub mod error;
 pub mod messages;
 pub mod send;
@@ -61,6 +62,10 @@ pub use state::{ApiSettings, AppState, Queue};
         smtp_logins::create,
         smtp_logins::list,
         smtp_logins::delete,
+        domains::create,
+        domains::list,
+        domains::get,
+        domains::delete,
         webhooks::create,
         webhooks::list,
         webhooks::get,
@@ -73,6 +78,7 @@ pub use state::{ApiSettings, AppState, Queue};
         (name = "accounts", description = "Tenants"),
         (name = "keys", description = "An account's API keys"),
         (name = "smtp", description = "An account's SMTP logins"),
+        (name = "domains", description = "The domains an account sends from"),
         (name = "webhooks", description = "Events POSTed to an account's URLs, signed"),
     )
 )]
@@ -176,6 +182,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/accounts/{id}/smtp-credentials/{credential_id}",
             axum::routing::delete(smtp_logins::delete),
+        )
+        .route("/api/v1/domains", post(domains::create).get(domains::list))
+        .route(
+            "/api/v1/domains/{domain}",
+            get(domains::get).delete(domains::delete),
         )
         .route(
             "/api/v1/webhooks",

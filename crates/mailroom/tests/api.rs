@@ -1484,3 +1484,120 @@ fn whole_path_send_deliver_and_a_signed_webhook() {
         204
     );
 }
+
+#[test]
+fn sending_domains_belong_to_one_account() {
+    let s = server();
+    let base = s.http_base();
+    let (a, a_key) = account(&s, "dom-a", &["a.test"]);
+    let (b, b_key) = account(&s, "dom-b", &[]);
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/domains",
+        Some(&a_key),
+        Some(&json!({"domain": "Mail.A2.test."})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["domain"], "mail.a2.test");
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/domains",
+        Some(ADMIN_KEY),
+        Some(&json!({"domain": "b.test", "account_id": b})),
+    );
+    assert_eq!(r.status, 201);
+    // One owner per domain; another account's domain is not there for it.
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/domains",
+        Some(&b_key),
+        Some(&json!({"domain": "a.test"})),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (409, "domain_taken"));
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/domains",
+        Some(&b_key),
+        Some(&json!({"domain": "x.test", "account_id": a})),
+    );
+    assert_eq!(r.status, 404);
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/domains",
+        Some(&b_key),
+        Some(&json!({"domain": "not a domain"})),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["field"].as_str()),
+        (422, Some("domain"))
+    );
+    for (method, path) in [
+        ("GET", "/api/v1/domains/a.test"),
+        ("DELETE", "/api/v1/domains/a.test"),
+    ] {
+        assert_eq!(
+            http(&base, method, path, Some(&b_key), None).status,
+            404,
+            "{method} {path}"
+        );
+    }
+    let listed: Vec<String> =
+        http(&base, "GET", "/api/v1/domains", Some(&a_key), None).json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["domain"].as_str().unwrap().to_owned())
+            .collect();
+    assert_eq!(listed, ["a.test", "mail.a2.test"]);
+    assert_eq!(
+        http(&base, "GET", "/api/v1/domains", Some(ADMIN_KEY), None).json()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    // The new domain may be sent from; after removal it may not.
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&a_key),
+        Some(&mail("x@mail.a2.test")),
+    );
+    assert_eq!(r.status, 202);
+    assert_eq!(
+        http(
+            &base,
+            "DELETE",
+            "/api/v1/domains/mail.a2.test",
+            Some(&a_key),
+            None
+        )
+        .status,
+        204
+    );
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(&a_key),
+        Some(&mail("x@mail.a2.test")),
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        http(
+            &base,
+            "GET",
+            &format!("/api/v1/accounts/{a}"),
+            Some(&a_key),
+            None
+        )
+        .json()["allowed_sender_domains"],
+        json!(["a.test"])
+    );
+}
