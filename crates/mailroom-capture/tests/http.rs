@@ -376,3 +376,51 @@ async fn the_event_stream_announces_new_mail() {
     assert!(found.contains("Live ✓"), "{found}");
     capture.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_receives_the_event() {
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = CaptureConfig {
+        smtp: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        webhook: mailroom_core::config::CaptureWebhook {
+            url: format!("http://{}/mail", hook.local_addr().unwrap()),
+            ..Default::default()
+        },
+        ..CaptureConfig::default()
+    };
+    let capture = Capture::start("capture.test", &config).await.unwrap();
+    send(&capture, "Hooked ✓").await;
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(10), hook.accept())
+        .await
+        .expect("the webhook is called")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "POST /mail HTTP/1.1\r\n");
+    let mut length = 0;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).await.unwrap();
+    reader
+        .get_mut()
+        .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        .await
+        .unwrap();
+    let event: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(event["event"], "EMAIL_RECEIVED");
+    assert_eq!(event["message"]["subject"], "Hooked ✓");
+    assert_eq!(event["authentication"]["mechanism"], "PLAIN");
+    assert_eq!(event["attachments"][1]["filename"], "report.pdf");
+    capture.shutdown(Duration::from_secs(5)).await;
+}

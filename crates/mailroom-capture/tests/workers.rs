@@ -126,10 +126,11 @@ fn pdf() -> Vec<u8> {
     v
 }
 
+/// The 1x1 PNG send.py attaches.
 fn png() -> Vec<u8> {
-    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
-    v.extend((0..=255u8).rev());
-    v
+    BASE64
+        .decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+        .unwrap()
 }
 
 fn attachment_bytes(a: &mailroom_capture::event::EventAttachment) -> Vec<u8> {
@@ -446,5 +447,79 @@ async fn lettre_multipart_with_auth_login_reaches_the_worker() {
         .expect("the PDF");
     assert_eq!(invoice.content_type, "application/pdf");
     assert_eq!(attachment_bytes(invoice), pdf());
+    capture.shutdown(Duration::from_secs(5)).await;
+}
+
+/// One worker that takes 300 ms per message: parallel sessions queue up
+/// behind it (each waits its turn and gets 250) rather than failing; with
+/// an allocate_timeout shorter than the wait, the late ones get 451.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_workers_make_sessions_wait_not_fail() {
+    need("python3", "python3");
+    let script = r#"
+import sys, time
+for line in sys.stdin:
+    time.sleep(0.3)
+    sys.stdout.write("CONTINUE\n"); sys.stdout.flush()
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(
+        dir.path(),
+        WorkerCodec::Jsonl,
+        vec!["python3".into(), "-c".into(), script.into()],
+    );
+    c.workers.num_workers = 1;
+    let capture = Capture::start("capture.test", &c).await.unwrap();
+    let started = std::time::Instant::now();
+    let subjects: Vec<String> = (0..3).map(|i| format!("wait {i}")).collect();
+    let reports = futures_util::future::join_all(
+        subjects
+            .iter()
+            .map(|s| smtplib(&capture, "NONE", "", "", s, 1)),
+    )
+    .await;
+    for r in &reports {
+        assert_eq!(r["sent"], serde_json::json!([0]), "{r}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "one at a time"
+    );
+    capture.shutdown(Duration::from_secs(5)).await;
+
+    // Now a worker that is busy for 3 s and says when it starts: a second
+    // session arriving meanwhile waits allocate_timeout (100 ms), then 451.
+    let busy = dir.path().join("busy");
+    let script = r#"
+import pathlib, sys, time
+for line in sys.stdin:
+    pathlib.Path(sys.argv[1]).write_text("busy")
+    time.sleep(3)
+    sys.stdout.write("CONTINUE\n"); sys.stdout.flush()
+"#;
+    c.workers.command = vec![
+        "python3".into(),
+        "-c".into(),
+        script.into(),
+        busy.display().to_string(),
+    ];
+    c.workers.allocate_timeout = Duration::from_millis(100);
+    c.workers.exec_timeout = Duration::from_secs(20);
+    let capture = Capture::start("capture.test", &c).await.unwrap();
+    let first = smtplib(&capture, "NONE", "", "", "first", 1);
+    let second = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !busy.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        smtplib(&capture, "NONE", "", "", "second", 1).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first["sent"], serde_json::json!([0]), "{first}");
+    assert_eq!(second["errors"][0][0], 451, "{second}");
     capture.shutdown(Duration::from_secs(5)).await;
 }
