@@ -313,6 +313,7 @@ pub async fn delete(
     state.rates.reset(&id);
     state.logins.remove_account(&id);
     state.hooks.remove_account(&id);
+    state.routing.remove_account(&id, &state.providers);
     tracing::info!(account_id = %id, "account deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod domains;
 pub mod error;
 pub mod messages;
+pub mod routing;
 pub mod send;
 pub mod smtp_logins;
 pub mod state;
@@ -32,6 +33,7 @@ use utoipa::OpenApi;
 
 pub use auth::Tenants;
 pub use error::ApiError;
+pub use routing::Routing;
 pub use smtp_logins::TenantPolicy;
 pub use state::{ApiSettings, AppState, Queue};
 
@@ -62,6 +64,14 @@ pub use state::{ApiSettings, AppState, Queue};
         smtp_logins::create,
         smtp_logins::list,
         smtp_logins::delete,
+        routing::create_provider,
+        routing::list_providers,
+        routing::get_provider,
+        routing::delete_provider,
+        routing::create_rule,
+        routing::list_rules,
+        routing::get_rule,
+        routing::delete_rule,
         domains::create,
         domains::list,
         domains::get,
@@ -72,13 +82,14 @@ pub use state::{ApiSettings, AppState, Queue};
         webhooks::delete,
         webhooks::deliveries,
     ),
-    modifiers(&Security),
+    modifiers(&Security, &CommonErrors),
     tags(
         (name = "messages", description = "Send and follow mail"),
         (name = "accounts", description = "Tenants"),
         (name = "keys", description = "An account's API keys"),
         (name = "smtp", description = "An account's SMTP logins"),
         (name = "domains", description = "The domains an account sends from"),
+        (name = "routing", description = "Providers and the rules that choose them"),
         (name = "webhooks", description = "Events POSTed to an account's URLs, signed"),
     )
 )]
@@ -97,6 +108,57 @@ impl utoipa::Modify for Security {
     }
 }
 
+/// The errors any operation can answer, documented once instead of on each
+/// handler: authentication on every secured operation, body problems on
+/// every operation that takes one, and 503 while shutting down.
+struct CommonErrors;
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in operations.into_iter().flatten() {
+                let mut add = |code: &str, description: &str| {
+                    op.responses
+                        .responses
+                        .entry(code.to_owned())
+                        .or_insert_with(|| error(description).into());
+                };
+                if op.request_body.is_some() {
+                    add("400", "The body is not JSON");
+                    add("413", "The body is larger than http.max_body_size");
+                    add("415", "The body is not application/json");
+                    add("422", "A field has the wrong type or value");
+                }
+                add("401", "No valid key");
+                add(
+                    "403",
+                    "The account is suspended, or the action needs the admin key",
+                );
+                add("503", "The server is shutting down");
+            }
+        }
+    }
+}
+
 /// Builds the shared state: loads the tenants from the store.
 pub fn state(
     store: SqliteStore,
@@ -104,6 +166,8 @@ pub fn state(
     settings: ApiSettings,
     rates: Arc<mailroom_policy::RateLimiter>,
     logins: Arc<mailroom_smtp::auth::Logins>,
+    providers: Arc<mailroom_delivery::providers::Providers>,
+    routing: Arc<routing::Routing>,
 ) -> Result<AppState, StoreError> {
     let tenants = Tenants::load(&store)?;
     let hooks = webhooks::Hooks::default();
@@ -136,6 +200,8 @@ pub fn state(
         logins,
         hooks,
         webhook_settings,
+        providers,
+        routing,
     }))
 }
 
@@ -182,6 +248,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/accounts/{id}/smtp-credentials/{credential_id}",
             axum::routing::delete(smtp_logins::delete),
+        )
+        .route(
+            "/api/v1/providers",
+            post(routing::create_provider).get(routing::list_providers),
+        )
+        .route(
+            "/api/v1/providers/{id}",
+            get(routing::get_provider).delete(routing::delete_provider),
+        )
+        .route(
+            "/api/v1/routing-rules",
+            post(routing::create_rule).get(routing::list_rules),
+        )
+        .route(
+            "/api/v1/routing-rules/{id}",
+            get(routing::get_rule).delete(routing::delete_rule),
         )
         .route("/api/v1/domains", post(domains::create).get(domains::list))
         .route(

@@ -52,6 +52,7 @@ pub struct Queued {
         (status = 409, description = "Idempotency key reused with another body", body = ErrorBody),
         (status = 413, description = "Message or body too large", body = ErrorBody),
         (status = 422, description = "A field is invalid", body = ErrorBody),
+        (status = 429, description = "An account rate limit; see Retry-After", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -211,6 +212,7 @@ pub(crate) async fn accept(
             metadata: request.metadata.clone(),
             not_before: built.not_before,
             idempotency,
+            routes: Default::default(),
         },
     };
     match state.queue.submit(message).await {
@@ -312,15 +314,22 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
             "send JSON with Content-Type: application/json",
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                e.to_string(),
-            ),
-            _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()),
+    // Two steps: serde_json reports some shape mismatches (an object where
+    // an enum's string goes) as syntax errors, so JSON that parses at all
+    // is 422 when it does not fit, and only text that is not JSON is 400.
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let error = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            e.inner().to_string(),
+        );
+        if path == "." {
+            error
+        } else {
+            error.with_field(path)
         }
     })
 }
@@ -592,10 +601,12 @@ pub struct ListParams {
     pub status: Option<String>,
     pub tag: Option<String>,
     /// RFC 3339: only messages received at or after this time.
+    #[param(format = DateTime)]
     pub since: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
     /// 1 to 1000; 100 by default.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// Admin only: one account's messages.
     pub account_id: Option<String>,

@@ -54,6 +54,9 @@ pub struct Shared {
     /// SMTP logins, shared with the SMTP server's AUTH.
     pub(crate) logins: Arc<mailroom_smtp::auth::Logins>,
     pub(crate) hooks: crate::webhooks::Hooks,
+    /// Delivery's provider registry, kept current with the providers.
+    pub(crate) providers: Arc<mailroom_delivery::providers::Providers>,
+    pub(crate) routing: Arc<crate::routing::Routing>,
     pub(crate) webhook_settings: crate::webhooks::WebhookSettings,
 }
 

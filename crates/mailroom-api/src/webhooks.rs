@@ -15,15 +15,12 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use hmac::{Hmac, Mac};
 use mailroom_core::time::{now_unix_millis, rfc3339_millis};
 use mailroom_core::{EventKind, MessageEvent};
 use mailroom_store::{Webhook, WebhookDelivery};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 use utoipa::{IntoParams, ToSchema};
 
@@ -166,11 +163,12 @@ pub struct DeliveryList {
 #[into_params(parameter_in = Query)]
 pub struct DeliveryParams {
     /// 1 to 1000; 100 by default.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
 fn check_url(url: &str) -> Result<(), ApiError> {
-    match parse_url(url) {
+    match mailroom_delivery::http::parse_url(url) {
         Ok(_) => Ok(()),
         Err(e) => Err(ApiError::invalid("url", e)),
     }
@@ -466,7 +464,21 @@ async fn deliver(state: AppState, permits: Arc<Semaphore>, mut d: WebhookDeliver
             let Ok(_permit) = permits.acquire().await else {
                 return;
             };
-            post(&hook, &d.payload, &d.event_id, settings.timeout).await
+            let signature = mailroom_delivery::http::signature(
+                &hook.secret,
+                now_unix_millis() / 1000,
+                &d.payload,
+            );
+            mailroom_delivery::http::post_json(
+                &hook.url,
+                &d.payload,
+                &[
+                    ("X-Mailroom-Signature", signature),
+                    ("X-Mailroom-Event-Id", d.event_id.clone()),
+                ],
+                settings.timeout,
+            )
+            .await
         };
         d.attempts += 1;
         match result {
@@ -512,192 +524,6 @@ async fn deliver(state: AppState, permits: Arc<Semaphore>, mut d: WebhookDeliver
         }
         if d.state != "pending" {
             return;
-        }
-    }
-}
-
-/// `t=<unix>,v1=<hex>`: HMAC-SHA256 over `t.body` with the webhook's secret.
-pub fn signature(secret: &str, unix: i64, body: &str) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
-        .expect("HMAC takes keys of any length");
-    mac.update(format!("{unix}.{body}").as_bytes());
-    format!("t={unix},v1={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// Where a webhook URL points.
-struct Url {
-    tls: bool,
-    host: String,
-    port: u16,
-    path: String,
-}
-
-fn parse_url(url: &str) -> Result<Url, String> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
-        (true, rest)
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        (false, rest)
-    } else {
-        return Err("must start with https:// or http://".into());
-    };
-    if url.len() > 2000 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("is not a valid URL".into());
-    }
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.contains('@') {
-        return Err("must not carry credentials".into());
-    }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            let port = p.parse().map_err(|_| format!("bad port {p:?}"))?;
-            (h, port)
-        }
-        _ => (authority, if tls { 443 } else { 80 }),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err("has no host".into());
-    }
-    Ok(Url {
-        tls,
-        host: host.to_owned(),
-        port,
-        path: path.to_owned(),
-    })
-}
-
-/// One POST; the status code, or why there is none.
-async fn post(
-    hook: &Webhook,
-    body: &str,
-    event_id: &str,
-    timeout: Duration,
-) -> Result<u16, String> {
-    let url = parse_url(&hook.url)?;
-    let signature = signature(&hook.secret, now_unix_millis() / 1000, body);
-    let request = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: mailroom\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\
-         X-Mailroom-Signature: {signature}\r\nX-Mailroom-Event-Id: {event_id}\r\n\r\n{body}",
-        url.path,
-        url.host,
-        body.len()
-    );
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        if url.tls {
-            let connector = tokio_rustls::TlsConnector::from(tls_config());
-            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(url.host.clone())
-                .map_err(|e| format!("bad host name: {e}"))?;
-            let tls = connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
-            exchange_on(tls, &request).await
-        } else {
-            exchange_on(tcp, &request).await
-        }
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("no answer within {timeout:?}")),
-    }
-}
-
-async fn exchange_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    mut stream: S,
-    request: &str,
-) -> Result<u16, String> {
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    // The status line is all that matters; read a little of the answer.
-    let mut buf = [0u8; 512];
-    let mut n = 0;
-    while n < 12 {
-        match stream.read(&mut buf[n..]).await {
-            Ok(0) => break,
-            Ok(m) => n += m,
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
-    let line = String::from_utf8_lossy(&buf[..n]);
-    line.split(' ')
-        .nth(1)
-        .and_then(|s| s.get(..3))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "not an HTTP answer: {:?}",
-                line.lines().next().unwrap_or("")
-            )
-        })
-}
-
-fn tls_config() -> Arc<tokio_rustls::rustls::ClientConfig> {
-    static CONFIG: std::sync::OnceLock<Arc<tokio_rustls::rustls::ClientConfig>> =
-        std::sync::OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots = tokio_rustls::rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            Arc::new(
-                tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
-                    tokio_rustls::rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-                .unwrap_or_else(|_| {
-                    tokio_rustls::rustls::ClientConfig::builder()
-                        .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
-                        .with_no_client_auth()
-                }),
-            )
-        })
-        .clone()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signatures_follow_the_documented_scheme() {
-        // HMAC-SHA256("key", "1700000000.{}"), computed independently.
-        let sig = signature("key", 1_700_000_000, "{}");
-        assert!(sig.starts_with("t=1700000000,v1="));
-        assert_eq!(sig.len(), "t=1700000000,v1=".len() + 64);
-        assert_ne!(sig, signature("other", 1_700_000_000, "{}"));
-    }
-
-    #[test]
-    fn urls() {
-        let u = parse_url("https://hooks.example.com/a/b?c=d").unwrap();
-        assert!(u.tls);
-        assert_eq!(
-            (u.host.as_str(), u.port, u.path.as_str()),
-            ("hooks.example.com", 443, "/a/b?c=d")
-        );
-        let u = parse_url("http://127.0.0.1:8080").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.path.as_str()),
-            ("127.0.0.1", 8080, "/")
-        );
-        for bad in [
-            "ftp://x",
-            "http://",
-            "http://u:p@x/",
-            "http://x:port/",
-            "http://a b/",
-        ] {
-            assert!(parse_url(bad).is_err(), "{bad}");
         }
     }
 }

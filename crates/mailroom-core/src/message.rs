@@ -129,6 +129,9 @@ pub struct MessageMeta {
     /// Committed in the same transaction as the message, so a replayed
     /// request finds it exactly when the message exists.
     pub idempotency: Option<IdempotencyRecord>,
+    /// Recipients (by index) that a routing rule sends through a provider,
+    /// with the provider's id; the others take the default route.
+    pub routes: std::collections::BTreeMap<u32, String>,
 }
 
 /// The first answer to a request made with an `Idempotency-Key`.

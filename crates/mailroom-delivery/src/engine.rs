@@ -25,8 +25,12 @@ use crate::connection::{
 use crate::dns::{DnsError, MxResolver};
 use crate::dsn::{self, Action, DsnRecipient, DsnRequest};
 use crate::pool::{Held, Pool, PoolKey};
+use crate::providers::{Provider, Providers, destination, split_destination};
 use crate::retry::RetryPolicy;
 use crate::scheduler::{Entry, Job, Scheduler};
+
+/// One call to a webhook provider may take this long.
+const WEBHOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Everything the engine needs; cheap to clone.
 pub struct Engine<S> {
@@ -58,6 +62,8 @@ struct Inner<S> {
     permits: u32,
     /// Where tenants' delivery events go (webhooks), once wired.
     events: std::sync::OnceLock<tokio::sync::mpsc::Sender<MessageEvent>>,
+    /// Tenants' providers, chosen per recipient by routing rules.
+    providers: Arc<Providers>,
 }
 
 /// What became of one recipient in one attempt.
@@ -111,8 +117,14 @@ impl<S: Store + Clone> Engine<S> {
                     config.connection_limit,
                 ),
                 events: std::sync::OnceLock::new(),
+                providers: Arc::new(Providers::default()),
             }),
         }
+    }
+
+    /// The provider registry the API keeps current.
+    pub fn providers(&self) -> Arc<Providers> {
+        self.inner.providers.clone()
     }
 
     /// Sends an event for every recorded outcome of a tenant's message to
@@ -132,7 +144,7 @@ impl<S: Store + Clone> Engine<S> {
             .map(|p| Entry {
                 message_id: p.message_id,
                 idx: p.idx,
-                domain: p.domain,
+                domain: destination(&p.domain, p.route.as_deref()),
                 due: p.next_attempt_at,
                 priority: p.priority,
             })
@@ -168,12 +180,15 @@ impl<S: Store + Clone> Engine<S> {
             .recipients
             .iter()
             .enumerate()
-            .filter(|(_, r)| {
+            .filter(|(i, r)| {
                 let domain = r.address.domain();
-                self.inner
-                    .local_domains
-                    .iter()
-                    .any(|d| d.eq_ignore_ascii_case(domain))
+                // A tenant's routing rule outranks the local store.
+                !message.meta.routes.contains_key(&(*i as u32))
+                    && self
+                        .inner
+                        .local_domains
+                        .iter()
+                        .any(|d| d.eq_ignore_ascii_case(domain))
             })
             .map(|(i, _)| i as u32)
             .collect();
@@ -217,7 +232,8 @@ impl<S: Store + Clone> Engine<S> {
     }
 
     async fn deliver(&self, job: Job) {
-        if self.inner.local_domains.contains(&job.domain) {
+        let (domain, provider) = split_destination(&job.domain);
+        if provider.is_none() && self.inner.local_domains.iter().any(|d| d == domain) {
             return self.keep_locally(job).await;
         }
         let store = self.inner.store.clone();
@@ -260,7 +276,7 @@ impl<S: Store + Clone> Engine<S> {
             );
             (Route::default(), vec![failed(reply); idxs.len()])
         } else {
-            self.attempt(&message, &job.domain, &idxs).await
+            self.attempt(&message, domain, provider, &idxs).await
         };
         let duration_ms = clock.elapsed().as_millis() as u64;
         self.record(&message, &idxs, outcomes, route, started, duration_ms)
@@ -273,11 +289,36 @@ impl<S: Store + Clone> Engine<S> {
         &self,
         message: &StoredMessage,
         domain: &str,
+        provider: Option<&str>,
         idxs: &[u32],
     ) -> (Route, Vec<Outcome>) {
         let all = |o: Outcome| vec![o; idxs.len()];
-        let route_index = self.inner.routes.iter().position(|r| r.matches(domain));
-        let (targets, client) = match route_index.map(|i| &self.inner.routes[i]) {
+        let chosen = provider.and_then(|id| {
+            let found = self.inner.providers.get(id);
+            if found.is_none() {
+                warn!(
+                    provider = id,
+                    "the rule's provider is gone; taking the default route"
+                );
+            }
+            found
+        });
+        let (route_index, relay) = match chosen {
+            Some((_, Provider::Webhook { url, secret })) => {
+                return self.to_webhook(message, idxs, &url, &secret).await;
+            }
+            // Pooled connections to a provider's relay are kept apart from
+            // the config routes' (indexes past the end of that list).
+            Some((slot, Provider::Relay(route))) => {
+                (Some(self.inner.routes.len() + slot), Some(route))
+            }
+            Some((_, Provider::Mx)) => (None, None),
+            None => {
+                let i = self.inner.routes.iter().position(|r| r.matches(domain));
+                (i, i.map(|i| self.inner.routes[i].clone()))
+            }
+        };
+        let (targets, client) = match &relay {
             Some(route) => match relay_targets(route).await {
                 Ok(targets) => (targets, self.relay_client(route)),
                 Err(reply) => return (Route::default(), all(deferred(reply))),
@@ -586,6 +627,72 @@ impl<S: Store + Clone> Engine<S> {
         }
     }
 
+    /// Hands recipients to a webhook provider: one signed JSON POST with
+    /// the envelope and the message. 2xx delivers; 408, 429, 5xx and
+    /// network errors defer; any other answer fails.
+    async fn to_webhook(
+        &self,
+        message: &StoredMessage,
+        idxs: &[u32],
+        url: &str,
+        secret: &str,
+    ) -> (Route, Vec<Outcome>) {
+        use base64::Engine as _;
+        let to: Vec<&str> = idxs
+            .iter()
+            .filter_map(|&i| message.envelope.recipients.get(i as usize))
+            .map(|r| r.address.as_str())
+            .collect();
+        let body = serde_json::json!({
+            "message_id": message.id.to_string(),
+            "from": message.envelope.reverse_path.as_ref().map(|a| a.as_str()),
+            "to": to,
+            "account_id": message.meta.account,
+            "tags": message.meta.tags,
+            "metadata": message.meta.metadata,
+            "raw_base64": base64::engine::general_purpose::STANDARD.encode(&message.content),
+        })
+        .to_string();
+        let signature = crate::http::signature(secret, now_unix_millis() / 1000, &body);
+        let host = crate::http::parse_url(url).map(|u| u.host).ok();
+        let route = Route {
+            mx_host: host,
+            ..Route::default()
+        };
+        let headers = [
+            ("X-Mailroom-Signature", signature),
+            ("X-Mailroom-Message-Id", message.id.to_string()),
+        ];
+        let outcome = match crate::http::post_json(url, &body, &headers, WEBHOOK_TIMEOUT).await {
+            Ok(status) if (200..300).contains(&status) => Outcome {
+                state: RecipientState::Delivered,
+                reply: Reply::owned(
+                    250,
+                    Enhanced(2, 0, 0),
+                    format!("Accepted by the webhook (HTTP {status})"),
+                ),
+            },
+            Ok(status) if status == 408 || status == 429 || status >= 500 => {
+                deferred(Reply::owned(
+                    451,
+                    Enhanced(4, 4, 1),
+                    format!("The webhook answered HTTP {status}"),
+                ))
+            }
+            Ok(status) => failed(Reply::owned(
+                554,
+                Enhanced(5, 0, 0),
+                format!("The webhook refused the message (HTTP {status})"),
+            )),
+            Err(e) => deferred(Reply::owned(
+                451,
+                Enhanced(4, 4, 1),
+                format!("The webhook could not be reached: {e}"),
+            )),
+        };
+        (route, vec![outcome; idxs.len()])
+    }
+
     /// Schedules what a message still has to deliver, as the store says
     /// now: after an operator's retry or release from another process.
     pub fn reschedule(&self, id: &MessageId) -> Result<usize, StoreError> {
@@ -601,7 +708,10 @@ impl<S: Store + Clone> Engine<S> {
             .map(|(idx, r)| Entry {
                 message_id: message.id,
                 idx: idx as u32,
-                domain: r.recipient.address.domain().to_ascii_lowercase(),
+                domain: destination(
+                    &r.recipient.address.domain().to_ascii_lowercase(),
+                    r.route.as_deref(),
+                ),
                 due: r.next_attempt_at.unwrap_or(now),
                 priority: message.envelope.priority,
             })
@@ -791,7 +901,10 @@ pub fn entries_of(message: &NewMessage) -> Vec<Entry> {
         .map(|(idx, r)| Entry {
             message_id: message.id,
             idx: idx as u32,
-            domain: r.address.domain().to_ascii_lowercase(),
+            domain: destination(
+                &r.address.domain().to_ascii_lowercase(),
+                message.meta.routes.get(&(idx as u32)).map(String::as_str),
+            ),
             due: message
                 .meta
                 .not_before
@@ -801,13 +914,19 @@ pub fn entries_of(message: &NewMessage) -> Vec<Entry> {
         .collect()
 }
 
+/// The scheduler destination of a stored recipient (domain and route).
 fn domain_of(message: &StoredMessage, idx: u32) -> String {
-    message
+    let domain = message
         .envelope
         .recipients
         .get(idx as usize)
         .map(|r: &Recipient| r.address.domain().to_ascii_lowercase())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let route = message
+        .recipients
+        .get(idx as usize)
+        .and_then(|r| r.route.as_deref());
+    destination(&domain, route)
 }
 
 fn failed(reply: Reply) -> Outcome {

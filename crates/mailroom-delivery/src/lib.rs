@@ -14,6 +14,8 @@ pub mod connection;
 pub mod dns;
 pub mod dsn;
 pub mod engine;
+pub mod http;
 pub mod pool;
+pub mod providers;
 pub mod retry;
 pub mod scheduler;

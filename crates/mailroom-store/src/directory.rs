@@ -152,3 +152,30 @@ pub struct WebhookDelivery {
     pub created_at: i64,
     pub delivered_at: Option<i64>,
 }
+
+/// A tenant's provider: where routing rules may send mail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderRecord {
+    pub id: String,
+    pub account_id: String,
+    /// Unique within the account.
+    pub name: String,
+    /// `mx`, `smtp` or `webhook`.
+    pub kind: String,
+    /// The kind's settings as JSON, secrets included: never returned as is.
+    pub config: String,
+    pub created_at: i64,
+}
+
+/// A routing rule: when its conditions hold, the provider delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingRuleRecord {
+    pub id: String,
+    pub account_id: String,
+    /// Lower first.
+    pub priority: i64,
+    /// The conditions as JSON.
+    pub conditions: String,
+    pub provider_id: String,
+    pub created_at: i64,
+}

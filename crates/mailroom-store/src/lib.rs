@@ -22,7 +22,7 @@ pub mod sqlite;
 
 pub use directory::{
     Account, AccountStats, AccountStatus, ApiKey, IdempotencyHit, NewAccount, NewApiKey,
-    STATS_WINDOWS, SmtpCredential, Webhook, WebhookDelivery,
+    ProviderRecord, RoutingRuleRecord, STATS_WINDOWS, SmtpCredential, Webhook, WebhookDelivery,
 };
 pub use sqlite::{SqliteOptions, SqliteStore};
 
@@ -145,6 +145,8 @@ pub struct StoredRecipient {
     pub next_attempt_at: Option<i64>,
     /// The last reply a delivery attempt got, as text, for operators and DSNs.
     pub last_reply: Option<String>,
+    /// The provider a routing rule chose; `None`: the default route.
+    pub route: Option<String>,
 }
 
 /// A message as the store keeps it.
@@ -221,6 +223,8 @@ pub struct PendingRecipient {
     pub message_id: MessageId,
     /// Position in the message's recipient list.
     pub idx: u32,
+    /// The provider a routing rule chose; `None`: the default route.
+    pub route: Option<String>,
     /// The recipient's domain, lowercased: what delivery is grouped by.
     pub domain: String,
     /// Queued, deferred or held.

@@ -343,7 +343,7 @@ async fn opening_twice_does_not_migrate_twice() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     let mode: String = conn
         .pragma_query_value(None, "journal_mode", |r| r.get(0))
         .unwrap();
@@ -594,6 +594,7 @@ async fn tenant_meta_round_trips_and_idempotency_keys_are_claimed_once() {
         metadata: [("user".to_owned(), "42".to_owned())].into(),
         not_before: Some(first.received_at + 60_000),
         idempotency: Some(record("h1")),
+        routes: [(0, "provider-1".to_owned())].into(),
     };
     let mut second = message(&["b@example.test"]);
     second.meta.idempotency = Some(record("h2"));
@@ -608,6 +609,9 @@ async fn tenant_meta_round_trips_and_idempotency_keys_are_claimed_once() {
     assert_eq!(got.meta.tags, ["welcome"]);
     assert_eq!(got.meta.metadata["user"], "42");
     assert_eq!(got.recipients[0].next_attempt_at, first.meta.not_before);
+    assert_eq!(got.recipients[0].route.as_deref(), Some("provider-1"));
+    let pending = store.pending().unwrap();
+    assert_eq!(pending[0].route.as_deref(), Some("provider-1"));
     let hit = store.idempotency("acct", "k1").unwrap().unwrap();
     assert_eq!(hit.request_hash, "h1");
     assert!(store.idempotency("other", "k1").unwrap().is_none());

@@ -128,11 +128,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(tx) = &events {
         engine.report_to(tx.clone());
     }
+    let providers = engine.providers();
+    let routing = mailroom_api::Routing::load(&store, &providers)
+        .context("cannot load providers and routing rules")?;
     let intake = Arc::new(QueueIntake {
         store: store.clone(),
         engine,
         logins: logins.clone(),
         events,
+        routing: routing.clone(),
     });
     let rates = Arc::new(mailroom_policy::RateLimiter::new());
     // Tenants' SMTP logins follow their account's rules; the API owns the
@@ -161,6 +165,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 settings,
                 rates.clone(),
                 logins.clone(),
+                providers.clone(),
+                routing.clone(),
             )
             .context("cannot load accounts and API keys")?;
             if config.http.admin_key.is_none() {
@@ -253,11 +259,15 @@ struct QueueIntake {
     engine: Engine<SqliteStore>,
     logins: Arc<mailroom_smtp::auth::Logins>,
     events: Option<tokio::sync::mpsc::Sender<mailroom_core::MessageEvent>>,
+    routing: Arc<mailroom_api::Routing>,
 }
 
 impl QueueIntake {
     /// Stores a routed message, schedules it, and reports it queued.
     async fn queue(&self, mut message: NewMessage) -> Result<(), StoreError> {
+        // Tenants' rules first: a recipient a rule sends through a provider
+        // is not kept locally even if its domain is local.
+        self.routing.route(&mut message);
         self.engine.route_locally(&mut message);
         let entries = entries_of(&message);
         let queued = match (&self.events, &message.meta.account) {

@@ -11,8 +11,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::SqliteStore;
 use super::writer::Change;
 use crate::{
-    Account, AccountStats, AccountStatus, ApiKey, IdempotencyHit, NewApiKey, STATS_WINDOWS,
-    SmtpCredential, StoreError, Webhook, WebhookDelivery,
+    Account, AccountStats, AccountStatus, ApiKey, IdempotencyHit, NewApiKey, ProviderRecord,
+    RoutingRuleRecord, STATS_WINDOWS, SmtpCredential, StoreError, Webhook, WebhookDelivery,
 };
 
 const ACCOUNT_COLUMNS: &str = "id, name, contact, allowed_sender_domains, \
@@ -82,6 +82,10 @@ impl SqliteStore {
             )?
             .execute([&id])?;
             conn.prepare_cached("DELETE FROM webhooks WHERE account_id = ?1")?
+                .execute([&id])?;
+            conn.prepare_cached("DELETE FROM routing_rules WHERE account_id = ?1")?
+                .execute([&id])?;
+            conn.prepare_cached("DELETE FROM providers WHERE account_id = ?1")?
                 .execute([&id])?;
             conn.prepare_cached("DELETE FROM accounts WHERE id = ?1")?
                 .execute([&id])
@@ -458,6 +462,123 @@ impl SqliteStore {
                 _ => stmt.query_map([], map)?.collect::<Result<Vec<_>, _>>()?,
             };
             Ok(rows)
+        })
+    }
+
+    /// Stores a provider; [`StoreError::Conflict`] when the account has one
+    /// of that name.
+    pub async fn create_provider(&self, p: ProviderRecord) -> Result<(), StoreError> {
+        self.directory(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO providers (id, account_id, name, kind, config, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                p.id,
+                p.account_id,
+                p.name,
+                p.kind,
+                p.config,
+                p.created_at
+            ])
+            .map(|n| n as u64)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes a provider; false when there is none. Rules that use it must
+    /// be gone first ([`StoreError::Conflict`] otherwise).
+    pub async fn delete_provider(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.directory(move |conn| {
+            let used: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM routing_rules WHERE provider_id = ?1")?
+                .query_row([&id], |row| row.get(0))?;
+            if used > 0 {
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+                    Some("routing rules use this provider".into()),
+                ));
+            }
+            conn.prepare_cached("DELETE FROM providers WHERE id = ?1")?
+                .execute([&id])
+                .map(|n| n as u64)
+        })
+        .await
+        .map(|n| n > 0)
+    }
+
+    /// Every provider, oldest first.
+    pub fn providers(&self) -> Result<Vec<ProviderRecord>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, account_id, name, kind, config, created_at FROM providers \
+                 ORDER BY created_at, id",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok(ProviderRecord {
+                    id: row.get(0)?,
+                    account_id: row.get(1)?,
+                    name: row.get(2)?,
+                    kind: row.get(3)?,
+                    config: row.get(4)?,
+                    created_at: row.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    pub async fn create_routing_rule(&self, r: RoutingRuleRecord) -> Result<(), StoreError> {
+        self.directory(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO routing_rules (id, account_id, priority, conditions, provider_id, \
+                 created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                r.id,
+                r.account_id,
+                r.priority,
+                r.conditions,
+                r.provider_id,
+                r.created_at
+            ])
+            .map(|n| n as u64)
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn delete_routing_rule(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.directory(move |conn| {
+            conn.prepare_cached("DELETE FROM routing_rules WHERE id = ?1")?
+                .execute([&id])
+                .map(|n| n as u64)
+        })
+        .await
+        .map(|n| n > 0)
+    }
+
+    /// Every routing rule, by account, then priority, then age.
+    pub fn routing_rules(&self) -> Result<Vec<RoutingRuleRecord>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, account_id, priority, conditions, provider_id, created_at \
+                 FROM routing_rules ORDER BY account_id, priority, created_at, id",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok(RoutingRuleRecord {
+                    id: row.get(0)?,
+                    account_id: row.get(1)?,
+                    priority: row.get(2)?,
+                    conditions: row.get(3)?,
+                    provider_id: row.get(4)?,
+                    created_at: row.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
 

@@ -38,7 +38,7 @@ pub(crate) fn get(
     };
     let (recipients, stored) = {
         let mut stmt = tx.prepare_cached(
-            "SELECT address, orcpt, notify, state, attempts, next_attempt_at, last_reply \
+            "SELECT address, orcpt, notify, state, attempts, next_attempt_at, last_reply, route \
              FROM recipients WHERE message_id = ?1 ORDER BY idx",
         )?;
         let mut rows = stmt.query([&id_text])?;
@@ -127,6 +127,7 @@ fn message_row(id: MessageId, row: &Row<'_>) -> Result<MessageRow, StoreError> {
             metadata: json_column(row, 12, "messages.metadata")?.unwrap_or_default(),
             not_before: None,
             idempotency: None,
+            routes: Default::default(),
         },
     })
 }
@@ -172,6 +173,7 @@ fn recipient_row(row: &Row<'_>) -> Result<StoredRecipient, StoreError> {
         attempts,
         next_attempt_at: column(row, 5, "recipients.next_attempt_at")?,
         last_reply: column(row, 6, "recipients.last_reply")?,
+        route: column(row, 7, "recipients.route")?,
     })
 }
 
@@ -274,7 +276,7 @@ pub(crate) fn list(
 pub(crate) fn pending(conn: &Connection) -> Result<Vec<PendingRecipient>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT r.message_id, r.idx, r.address, r.state, r.next_attempt_at, m.priority, \
-         m.received_at FROM recipients r JOIN messages m ON m.id = r.message_id \
+         m.received_at, r.route FROM recipients r JOIN messages m ON m.id = r.message_id \
          WHERE r.state IN ('queued', 'deferred', 'held')",
     )?;
     let mut rows = stmt.query([])?;
@@ -296,6 +298,7 @@ pub(crate) fn pending(conn: &Connection) -> Result<Vec<PendingRecipient>, StoreE
         out.push(PendingRecipient {
             message_id,
             idx: column(row, 1, "recipients.idx")?,
+            route: column(row, 7, "recipients.route")?,
             domain,
             state,
             next_attempt_at: next.unwrap_or(received_at),

@@ -153,6 +153,28 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX webhook_deliveries_pending ON webhook_deliveries(state)
         WHERE state = 'pending';
     "#,
+    // 6: providers and routing rules per account, and the provider a rule
+    // chose for each recipient (NULL: the default route).
+    r#"
+    CREATE TABLE providers (
+        id         TEXT    PRIMARY KEY NOT NULL,
+        account_id TEXT    NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        name       TEXT    NOT NULL,
+        kind       TEXT    NOT NULL,
+        config     TEXT    NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (account_id, name)
+    );
+    CREATE TABLE routing_rules (
+        id          TEXT    PRIMARY KEY NOT NULL,
+        account_id  TEXT    NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        priority    INTEGER NOT NULL,
+        conditions  TEXT    NOT NULL,
+        provider_id TEXT    NOT NULL REFERENCES providers(id) ON DELETE CASCADE,
+        created_at  INTEGER NOT NULL
+    );
+    ALTER TABLE recipients ADD COLUMN route TEXT;
+    "#,
 ];
 
 /// The schema version this build creates and understands.

@@ -520,7 +520,7 @@ fn insert_recipients(conn: &Connection, pending: &Pending) -> rusqlite::Result<(
         .max(m.received_at);
     let mut insert = conn.prepare_cached(
         "INSERT INTO recipients (message_id, idx, address, orcpt, notify, next_attempt_at, \
-         state, last_reply) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         state, last_reply, route) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     for (idx, r) in env.recipients.iter().enumerate() {
         let kept = m.kept_locally.contains(&(idx as u32));
@@ -533,6 +533,7 @@ fn insert_recipients(conn: &Connection, pending: &Pending) -> rusqlite::Result<(
             (!kept).then_some(due),
             if kept { "delivered" } else { "queued" },
             kept.then_some(KEPT_LOCALLY),
+            m.meta.routes.get(&(idx as u32)),
         ])?;
     }
     Ok(())
