@@ -523,3 +523,27 @@ for line in sys.stdin:
     assert_eq!(second["errors"][0][0], 451, "{second}");
     capture.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A worker that answers something other than CONTINUE or CLOSE: the
+/// message was received, so the client gets 250 and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_reply_from_a_worker_still_gives_250() {
+    need("python3", "python3");
+    let script = r#"
+import sys
+for line in sys.stdin:
+    sys.stdout.write("ERROR cannot handle this\n"); sys.stdout.flush()
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(
+        dir.path(),
+        WorkerCodec::Jsonl,
+        vec!["python3".into(), "-c".into(), script.into()],
+    );
+    let capture = Capture::start("capture.test", &c).await.unwrap();
+    let report = smtplib(&capture, "NONE", "", "", "odd reply", 2).await;
+    assert_eq!(report["sent"], serde_json::json!([0, 0]), "{report}");
+    assert_eq!(report["open_after"], true, "{report}");
+    assert_eq!(capture.inbox().len(), 2);
+    capture.shutdown(Duration::from_secs(5)).await;
+}
