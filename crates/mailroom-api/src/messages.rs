@@ -521,14 +521,7 @@ async fn load(
 ) -> Result<(StoredMessage, Vec<mailroom_store::AttemptRecord>), ApiError> {
     let id: MessageId = id.parse().map_err(|_| ApiError::not_found("message"))?;
     let store = state.store.clone();
-    let found = blocking(move || {
-        let Some(message) = store.get(&id)? else {
-            return Ok(None);
-        };
-        let attempts = store.attempts(&id)?;
-        Ok(Some((message, attempts)))
-    })
-    .await?;
+    let found = blocking(move || store.status(&id)).await?;
     match found {
         Some((m, a)) if principal.can_see(m.meta.account.as_deref()) => Ok((m, a)),
         _ => Err(ApiError::not_found("message")),

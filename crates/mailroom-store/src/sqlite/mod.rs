@@ -152,6 +152,20 @@ impl SqliteStore {
         }
     }
 
+    /// A message's envelope, recipient states and attempts, without its
+    /// content (which stays empty): what a status view needs, in one read.
+    pub fn status(
+        &self,
+        id: &MessageId,
+    ) -> Result<Option<(StoredMessage, Vec<AttemptRecord>)>, StoreError> {
+        self.read(|conn| {
+            let Some(message) = read::get(conn, id, false)? else {
+                return Ok(None);
+            };
+            Ok(Some((message, read::attempts(conn, id)?)))
+        })
+    }
+
     /// Runs `f` on a pooled read connection.
     fn read<T>(
         &self,
@@ -203,7 +217,7 @@ impl Store for SqliteStore {
     }
 
     fn get(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
-        self.read(|conn| read::get(conn, id))
+        self.read(|conn| read::get(conn, id, true))
     }
 
     fn list(&self, query: &ListQuery) -> Result<Vec<MessageSummary>, StoreError> {

@@ -17,19 +17,26 @@ use crate::{
     StoreError, StoredMessage, StoredRecipient,
 };
 
+/// The message with this id; with `content` false its content is left
+/// empty (status views need only the envelope and the states, and the
+/// content is most of the row).
 pub(crate) fn get(
     conn: &mut Connection,
     id: &MessageId,
+    content: bool,
 ) -> Result<Option<StoredMessage>, StoreError> {
     // One snapshot for the message row and its recipients, so a delivery
     // result committed between the two queries cannot tear the answer.
     let tx = conn.transaction()?;
     let id_text = id.to_string();
     let message = {
-        let mut stmt = tx.prepare_cached(
+        let mut stmt = tx.prepare_cached(if content {
             "SELECT received_at, reverse_path, env_id, ret, body_type, smtputf8, priority, \
-             origin, size, content, account_id, tags, metadata FROM messages WHERE id = ?1",
-        )?;
+             origin, size, content, account_id, tags, metadata FROM messages WHERE id = ?1"
+        } else {
+            "SELECT received_at, reverse_path, env_id, ret, body_type, smtputf8, priority, \
+             origin, size, x'', account_id, tags, metadata FROM messages WHERE id = ?1"
+        })?;
         let mut rows = stmt.query([&id_text])?;
         match rows.next()? {
             Some(row) => message_row(*id, row)?,
