@@ -206,10 +206,10 @@ async fn cid_part(State(inbox): Inboxes, Path((id, cid)): Path<(String, String)>
 fn download(p: mime::Part, attachment: bool) -> Response {
     let content_type = HeaderValue::from_str(&p.content_type)
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    let name: String = p
-        .filename
-        .as_deref()
-        .unwrap_or("attachment")
+    let original = p.filename.as_deref().unwrap_or("attachment");
+    // The sender chose the name: a plain ASCII fallback, and the real name
+    // in RFC 5987 encoding for browsers that read it (RFC 6266).
+    let ascii: String = original
         .chars()
         .map(|c| {
             if c.is_ascii_graphic() && c != '"' && c != '\\' {
@@ -219,8 +219,18 @@ fn download(p: mime::Part, attachment: bool) -> Response {
             }
         })
         .collect();
+    let encoded: String = original
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
     let disposition = if attachment {
-        format!("attachment; filename=\"{name}\"")
+        format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
     } else {
         "inline".to_owned()
     };

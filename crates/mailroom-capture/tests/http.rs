@@ -149,7 +149,8 @@ async fn api_lists_shows_searches_downloads_and_deletes() {
     assert!(pdf.body.starts_with(b"%PDF-1.4\n"));
     assert_eq!(pdf.body.len(), 9 + 256);
     assert!(
-        pdf.headers.contains("attachment; filename=\"report.pdf\""),
+        pdf.headers
+            .contains("attachment; filename=\"report.pdf\"; filename*=UTF-8''report.pdf"),
         "{}",
         pdf.headers
     );

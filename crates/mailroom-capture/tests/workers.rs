@@ -547,3 +547,19 @@ for line in sys.stdin:
     assert_eq!(capture.inbox().len(), 2);
     capture.shutdown(Duration::from_secs(5)).await;
 }
+
+/// With max_jobs = 1 every message gets a fresh PHP worker: the spent one
+/// is sent RoadRunner's stop frame and a new one does the pid handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goridge_workers_are_replaced_after_max_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    let mut c = config(dir.path(), WorkerCodec::Goridge, php_worker(&out));
+    c.workers.num_workers = 1;
+    c.workers.max_jobs = 1;
+    let capture = Capture::start("capture.test", &c).await.unwrap();
+    let report = smtplib(&capture, "NONE", "", "", SUBJECT, 3).await;
+    assert_eq!(report["sent"], serde_json::json!([0, 0, 0]), "{report}");
+    assert_eq!(events(&out).len(), 3);
+    capture.shutdown(Duration::from_secs(5)).await;
+}

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailroom_core::MessageId;
 use mailroom_core::config::{Role, TlsMode};
+use mailroom_core::{MessageId, Receipt};
 use mailroom_smtp::{Event, Session, SessionConfig, TlsInfo};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};
@@ -50,6 +50,8 @@ const FRAGMENTS: &[&[u8]] = &[
     b"AUTH PLAIN\r\n",
     b"AUTH PLAIN AGFwcABzM2NyZXQ=\r\n",
     b"AUTH LOGIN\r\n",
+    b"AUTH CRAM-MD5\r\n",
+    b"dXNlciBiOTEzYTYwMmM3ZWRhN2E0OTViNGU2ZTczMzRkMzg5MA==\r\n",
     b"YXBw\r\n",
     b"*\r\n",
     b"STARTTLS\r\n",
@@ -68,6 +70,8 @@ struct Case {
     role: Role,
     tls_mode: TlsMode,
     insecure: bool,
+    /// A capture-mode session (AUTH recorded, receipts may close).
+    capture: bool,
     input: Vec<u8>,
     /// Where the input is split into separate `feed` calls.
     splits: Vec<usize>,
@@ -89,18 +93,22 @@ fn case() -> impl Strategy<Value = Case> {
             Just(TlsMode::Implicit)
         ],
         any::<bool>(),
+        any::<bool>(),
         proptest::collection::vec(piece, 0..40),
         proptest::collection::vec(0usize..4096, 0..16),
         proptest::collection::vec(any::<bool>(), 1..8),
     )
-        .prop_map(|(role, tls_mode, insecure, pieces, splits, answers)| Case {
-            role,
-            tls_mode,
-            insecure,
-            input: pieces.concat(),
-            splits,
-            answers,
-        })
+        .prop_map(
+            |(role, tls_mode, insecure, capture, pieces, splits, answers)| Case {
+                role,
+                tls_mode,
+                insecure,
+                capture,
+                input: pieces.concat(),
+                splits,
+                answers,
+            },
+        )
 }
 
 fn tls() -> TlsInfo {
@@ -112,11 +120,13 @@ fn tls() -> TlsInfo {
 
 fn run(case: &Case) -> Result<(), TestCaseError> {
     let initial_tls = (case.tls_mode == TlsMode::Implicit).then(tls);
-    let mut session = Session::new(
-        config(case.role, case.tls_mode, case.insecure),
-        "192.0.2.1".parse().unwrap(),
-        initial_tls,
-    );
+    let config = config(case.role, case.tls_mode, case.insecure);
+    let ip = "192.0.2.1".parse().unwrap();
+    let mut session = if case.capture {
+        Session::new_capture(config, ip, initial_tls)
+    } else {
+        Session::new(config, ip, initial_tls)
+    };
     let mut output = session.output().to_vec();
     session.clear_output();
     let mut answers = case.answers.iter().cycle();
@@ -141,13 +151,30 @@ fn run(case: &Case) -> Result<(), TestCaseError> {
                 None if used == 0 => break 'pieces,
                 None => {}
                 Some(Event::Authenticate { .. }) => {
+                    prop_assert!(!case.capture, "capture mode never asks to check AUTH");
                     session.auth_result(*answers.next().unwrap_or(&true))
                 }
                 Some(Event::Submit(message)) => {
                     prop_assert!(!message.envelope.recipients.is_empty());
                     prop_assert!(message.content.starts_with(b"Received: "));
                     let ok = *answers.next().unwrap_or(&true);
-                    session.queued(message.id, if ok { Ok(()) } else { Err(()) });
+                    if case.capture {
+                        // Capture mode: a worker may close the session.
+                        let close = *answers.next().unwrap_or(&false);
+                        let receipt = if close {
+                            Receipt::Close
+                        } else {
+                            Receipt::Continue
+                        };
+                        session.accepted(message.id, receipt);
+                        if session.is_closed() {
+                            output.extend_from_slice(session.output());
+                            session.clear_output();
+                            break 'pieces;
+                        }
+                    } else {
+                        session.queued(message.id, if ok { Ok(()) } else { Err(()) });
+                    }
                 }
                 Some(Event::StartTls) => {
                     pos = piece.len();
