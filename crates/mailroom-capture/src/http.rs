@@ -148,7 +148,7 @@ struct HtmlQuery {
 }
 
 /// The message's HTML, for a sandboxed iframe. The Content-Security-Policy
-/// blocks scripts always and remote content unless `?remote=1`: opening a
+/// blocks scripts always and remote content unless `?remote=true`: opening a
 /// mail must not tell a tracker it was read.
 async fn html_view(
     State(inbox): Inboxes,

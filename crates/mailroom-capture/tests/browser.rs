@@ -255,6 +255,26 @@ async fn new_mail_appears_live_and_its_html_and_attachment_work() {
     }
     browser.cmd("POST", "/frame/parent", Some(json!({}))).await;
 
+    // "Load remote content" reloads the frame with the relaxed policy.
+    browser.click("#detail .actions button:nth-child(3)").await;
+    browser
+        .wait_text("#detail .actions button:nth-child(3)", |t| {
+            t == "Block remote content"
+        })
+        .await;
+    let src = browser
+        .cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": "return document.querySelector('#detail iframe').getAttribute('src');", "args": []})),
+        )
+        .await;
+    assert!(
+        src.as_str()
+            .is_some_and(|s| s.ends_with("/html?remote=true")),
+        "{src}"
+    );
+
     let shot = browser.cmd("GET", "/screenshot", None).await;
     let png = base64::Engine::decode(
         &base64::engine::general_purpose::STANDARD,

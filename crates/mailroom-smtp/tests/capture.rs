@@ -173,3 +173,12 @@ fn a_close_receipt_answers_250_then_221_and_closes() {
     assert_eq!(tail[0], "221 2.0.0 Bye", "{out}");
     assert!(tail[1].starts_with("250 2.0.0 Ok: queued as "), "{out}");
 }
+
+#[test]
+fn an_unlimited_size_is_advertised_as_size_0() {
+    let mut config = (*config(Role::Mx)).clone();
+    config.max_message_size = usize::MAX;
+    let mut s = Session::new_capture(Arc::new(config), "127.0.0.1".parse().unwrap(), None);
+    let (out, _) = run(&mut s, "EHLO dev\r\n", Receipt::Continue);
+    assert!(out.contains("250-SIZE 0\r\n"), "{out}");
+}
