@@ -115,9 +115,9 @@ impl Capture {
             // address are normal.
             max_connections: 4096,
             max_connections_per_ip: 4096,
-            command_timeout: config.timeout,
-            data_timeout: config.timeout,
-            tls_handshake_timeout: config.timeout,
+            command_timeout: config.read_timeout,
+            data_timeout: config.read_timeout,
+            tls_handshake_timeout: config.read_timeout,
         };
         let session = Arc::new(SessionConfig {
             hostname: hostname.to_owned(),
@@ -135,7 +135,8 @@ impl Capture {
             relay_networks: Vec::new(),
             policy: None,
         });
-        let (server, smtp_shutdown) = SmtpServer::capture(settings, intake, None);
+        let (server, smtp_shutdown) =
+            SmtpServer::capture(settings, intake, None, config.write_timeout);
         let mut tasks = vec![tokio::spawn(server.serve(smtp, session))];
 
         let (stop, mut stopped) = watch::channel(false);

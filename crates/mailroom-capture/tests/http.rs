@@ -425,3 +425,26 @@ async fn the_webhook_receives_the_event() {
     assert_eq!(event["attachments"][1]["filename"], "report.pdf");
     capture.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_cut_off_after_read_timeout() {
+    let config = CaptureConfig {
+        smtp: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        read_timeout: Duration::from_millis(300),
+        ..CaptureConfig::default()
+    };
+    let capture = Capture::start("capture.test", &config).await.unwrap();
+    let stream = TcpStream::connect(capture.smtp_addr()).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).await.unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    let mut rest = String::new();
+    tokio::time::timeout(Duration::from_secs(10), reader.read_to_string(&mut rest))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    assert!(rest.starts_with("421 4.4.2 "), "{rest}");
+    capture.shutdown(Duration::from_secs(5)).await;
+}

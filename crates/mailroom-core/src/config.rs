@@ -498,9 +498,12 @@ pub struct CaptureConfig {
     /// Largest message accepted, in octets; 0 means no limit.
     pub max_message_size: usize,
     pub max_recipients: usize,
-    /// Waiting for the client to send, and for it to take our replies.
+    /// Waiting for the client's next command or piece of message data.
     #[serde(with = "crate::duration")]
-    pub timeout: Duration,
+    pub read_timeout: Duration,
+    /// Waiting for the client to take our replies.
+    #[serde(with = "crate::duration")]
+    pub write_timeout: Duration,
     /// Put the whole message in the event's `message.raw`.
     pub include_raw: bool,
     /// `memory` (base64 in the event) or `tempfile` (a path in the event).
@@ -527,7 +530,8 @@ impl Default for CaptureConfig {
             http: SocketAddr::from(([127, 0, 0, 1], 8025)),
             max_message_size: 10 * 1024 * 1024,
             max_recipients: 100,
-            timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
             include_raw: false,
             attachments: AttachmentMode::Memory,
             temp_dir: None,
@@ -629,8 +633,13 @@ impl CaptureConfig {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
-        if self.timeout.is_zero() {
-            return Err(invalid("capture.timeout", "must be longer than 0s"));
+        for (key, value) in [
+            ("capture.read_timeout", self.read_timeout),
+            ("capture.write_timeout", self.write_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than 0s"));
+            }
         }
         let w = &self.workers;
         if !w.command.is_empty() {

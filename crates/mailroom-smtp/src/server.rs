@@ -68,6 +68,9 @@ struct Shared<I> {
     next_session_id: AtomicU64,
     /// Capture mode: sessions record AUTH instead of checking it.
     capture: bool,
+    /// Longest a write of replies may take (`command_timeout` unless the
+    /// capture constructor was given its own).
+    write_timeout: Duration,
 }
 
 /// Drives the server's shutdown from the binary.
@@ -83,18 +86,27 @@ impl<I: Intake> SmtpServer<I> {
         credentials: Credentials,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> (Self, ShutdownHandle) {
-        Self::build(settings, intake, credentials, tls, false)
+        let write_timeout = settings.command_timeout;
+        Self::build(settings, intake, credentials, tls, false, write_timeout)
     }
 
     /// A server for `mailroom capture`: every AUTH is accepted and recorded
     /// (see [`Session::new_capture`]) and handed to the intake with the
-    /// message.
+    /// message. Replies must be taken by the client within `write_timeout`.
     pub fn capture(
         settings: ServerSettings,
         intake: Arc<I>,
         tls: Option<Arc<rustls::ServerConfig>>,
+        write_timeout: Duration,
     ) -> (Self, ShutdownHandle) {
-        Self::build(settings, intake, Credentials::new(&[]), tls, true)
+        Self::build(
+            settings,
+            intake,
+            Credentials::new(&[]),
+            tls,
+            true,
+            write_timeout,
+        )
     }
 
     fn build(
@@ -103,6 +115,7 @@ impl<I: Intake> SmtpServer<I> {
         credentials: Credentials,
         tls: Option<Arc<rustls::ServerConfig>>,
         capture: bool,
+        write_timeout: Duration,
     ) -> (Self, ShutdownHandle) {
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         let sessions = SessionCount::default();
@@ -119,6 +132,7 @@ impl<I: Intake> SmtpServer<I> {
                 sessions: sessions.clone(),
                 next_session_id: AtomicU64::new(1),
                 capture,
+                write_timeout,
             }),
         };
         (
@@ -281,7 +295,7 @@ async fn drive<I: Intake>(
                     }
                 }
                 Some(Event::StartTls) => {
-                    write_output(&mut conn, &mut session, shared.settings.command_timeout).await?;
+                    write_output(&mut conn, &mut session, shared.write_timeout).await?;
                     // Whatever the client sent after STARTTLS in the clear is
                     // dropped here (CVE-2011-0411).
                     pos = input.len();
@@ -301,7 +315,7 @@ async fn drive<I: Intake>(
         }
         input.clear();
         if session.is_closed() {
-            write_output(&mut conn, &mut session, shared.settings.command_timeout).await?;
+            write_output(&mut conn, &mut session, shared.write_timeout).await?;
             // TLS needs its close_notify; a plain socket is closed by the
             // drop, which saves a shutdown(2) per session.
             if let Conn::Tls(_) = conn {
@@ -316,7 +330,7 @@ async fn drive<I: Intake>(
             session.shutdown();
             continue;
         }
-        write_output(&mut conn, &mut session, shared.settings.command_timeout).await?;
+        write_output(&mut conn, &mut session, shared.write_timeout).await?;
 
         let (want, limit) = match session.waiting() {
             Waiting::Command => (COMMAND_READ, shared.settings.command_timeout),
