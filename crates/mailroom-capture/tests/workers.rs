@@ -563,3 +563,46 @@ async fn goridge_workers_are_replaced_after_max_jobs() {
     assert_eq!(events(&out).len(), 3);
     capture.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A goridge worker (here a few lines of Python) that answers every
+/// message with an ERROR frame: 250 all the same, and a log line.
+const GORIDGE_ERROR_WORKER: &str = r#"
+import json, os, struct, sys, zlib
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+def read(n):
+    b = b""
+    while len(b) < n:
+        c = inp.read(n - len(b))
+        if not c: sys.exit(0)
+        b += c
+    return b
+def send(flags, payload, options=()):
+    head = bytes([0x10 | (3 + len(options)), flags]) + struct.pack("<I", len(payload))
+    head += struct.pack("<I", zlib.crc32(head)) + b"\0\0"
+    out.write(head + b"".join(struct.pack("<I", o) for o in options) + payload); out.flush()
+while True:
+    h = read(12)
+    opts = read(((h[0] & 15) - 3) * 4)
+    payload = read(struct.unpack("<I", h[2:6])[0])
+    if h[1] & 1:
+        if json.loads(payload).get("pid"): send(1, json.dumps({"pid": os.getpid()}).encode())
+        else: sys.exit(0)
+    else:
+        send(0x40, b"cannot handle this message")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goridge_error_frame_still_gives_250() {
+    need("python3", "python3");
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(
+        dir.path(),
+        WorkerCodec::Goridge,
+        vec!["python3".into(), "-c".into(), GORIDGE_ERROR_WORKER.into()],
+    );
+    let capture = Capture::start("capture.test", &c).await.unwrap();
+    let report = smtplib(&capture, "NONE", "", "", "error frame", 2).await;
+    assert_eq!(report["sent"], serde_json::json!([0, 0]), "{report}");
+    assert_eq!(capture.inbox().len(), 2);
+    capture.shutdown(Duration::from_secs(5)).await;
+}
