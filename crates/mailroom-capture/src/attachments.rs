@@ -97,6 +97,21 @@ impl AttachmentStore {
         count
     }
 
+    /// Deletes the files of one message at once (its worker failed, so the
+    /// client will send it again and nobody will read these).
+    pub fn remove_message(&self, uuid: &str) {
+        let dir = self.dir.join(uuid);
+        let known = {
+            let mut written = self.lock();
+            let before = written.len();
+            written.retain(|(_, d)| *d != dir);
+            before != written.len()
+        };
+        if known {
+            remove(&dir);
+        }
+    }
+
     /// Deletes every file this store wrote (at shutdown).
     pub fn remove_all(&self) {
         let all: Vec<_> = self.lock().drain(..).collect();

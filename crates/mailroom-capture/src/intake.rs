@@ -51,10 +51,16 @@ impl Intake for CaptureIntake {
             built.map_err(|e| IntakeError::Store(format!("cannot build the event: {e}")))?;
 
         let receipt = match &self.pool {
-            Some(pool) => pool
-                .handle(&json)
-                .await
-                .map_err(|e| IntakeError::Worker(e.to_string()))?,
+            Some(pool) => match pool.handle(&json).await {
+                Ok(receipt) => receipt,
+                Err(err) => {
+                    let attachments = self.attachments.clone();
+                    let uuid = event.uuid.clone();
+                    let _ = tokio::task::spawn_blocking(move || attachments.remove_message(&uuid))
+                        .await;
+                    return Err(IntakeError::Worker(err.to_string()));
+                }
+            },
             None => Receipt::Continue,
         };
         debug!(uuid = %event.uuid, ?receipt, "captured");

@@ -300,12 +300,17 @@ async fn a_worker_killed_mid_message_gives_451_then_the_next_message_succeeds() 
         vec!["python3".into(), "-c".into(), CRASHING_WORKER.into()],
     );
     c.workers.num_workers = 1;
+    c.attachments = AttachmentMode::Tempfile;
     let capture = Capture::start("capture.test", &c).await.unwrap();
     let report = smtplib(&capture, "NONE", "", "", "please die", 1).await;
     let error = &report["errors"][0];
     assert_eq!(error[0], 451, "{report}");
     assert!(error[1].as_str().unwrap().starts_with("4.3.0"), "{report}");
     assert_eq!(capture.inbox().len(), 0, "a refused message is not kept");
+    let left = std::fs::read_dir(dir.path().join("attachments"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "the refused message's attachment files are gone");
     let report = smtplib(&capture, "NONE", "", "", "fine", 1).await;
     assert_eq!(report["sent"], serde_json::json!([0]), "{report}");
     assert_eq!(capture.inbox().len(), 1);
