@@ -818,10 +818,21 @@ pub async fn retry(
     }))
 }
 
+/// Store reads running at once. Each holds a pooled SQLite connection; more
+/// at once would open fresh connections (a file open and a schema read,
+/// far slower than the query) and only add contention on two to four
+/// cores. Requests beyond this wait their turn without a thread.
+const CONCURRENT_READS: usize = 4;
+
 /// Runs a store read off the async workers.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_READS);
+    let _permit = READS
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal("read permits", e))?;
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::internal("store read task", e))?

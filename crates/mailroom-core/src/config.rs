@@ -25,8 +25,7 @@ pub struct Config {
     /// How long open transactions may run on after SIGTERM/SIGINT.
     #[serde(with = "crate::duration")]
     pub shutdown_timeout: Duration,
-    /// Threads running sessions; 0 picks one less than the number of CPUs
-    /// (at least one), leaving a core for the store's writer and the kernel.
+    /// Threads running SMTP sessions and HTTP requests; 0: one per CPU.
     pub worker_threads: usize,
     pub smtp: SmtpConfig,
     /// Absent: a self-signed certificate is generated in `data_dir`.

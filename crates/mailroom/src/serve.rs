@@ -24,7 +24,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     return_large_allocations();
     let workers = match config.worker_threads {
         0 => std::thread::available_parallelism()
-            .map(|n| n.get().saturating_sub(1).max(1))
+            .map(|n| n.get())
             .unwrap_or(1),
         n => n,
     };
