@@ -389,20 +389,27 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
-/// Writes API key "last used" times now and then, in one batch.
+/// Writes API key "last used" times now and then, in one batch, and
+/// forgets idempotency keys older than their 24 hours.
 pub async fn flush_key_use(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
+        ticks += 1;
         let used = state.tenants.take_used();
         if !used.is_empty()
             && let Err(e) = state.store.touch_api_keys(used).await
         {
             tracing::warn!(error = %e, "cannot record API key use");
         }
-        let cutoff = mailroom_core::time::now_unix_millis() - messages::IDEMPOTENCY_WINDOW_MS;
-        if let Err(e) = state.store.expire_idempotency_keys(cutoff).await {
-            tracing::warn!(error = %e, "cannot expire idempotency keys");
+        // Expired keys are also caught when reused; this only keeps the
+        // table small, so every ten minutes is plenty.
+        if ticks % 60 == 1 {
+            let cutoff = mailroom_core::time::now_unix_millis() - messages::IDEMPOTENCY_WINDOW_MS;
+            if let Err(e) = state.store.expire_idempotency_keys(cutoff).await {
+                tracing::warn!(error = %e, "cannot expire idempotency keys");
+            }
         }
     }
 }
