@@ -1991,3 +1991,53 @@ fn cors_is_off_by_default_and_follows_the_configured_origins() {
             .contains("x-request-id")
     );
 }
+
+#[test]
+fn a_store_failure_is_a_500_with_no_detail() {
+    let s = server();
+    let base = s.http_base();
+    let r = http(
+        &base,
+        "POST",
+        "/api/v1/messages",
+        Some(ADMIN_KEY),
+        Some(&mail("a@a.test")),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    // A row this build cannot read (as after a bad manual edit).
+    let db = rusqlite::Connection::open(s.data_dir.join("mailroom.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute(
+        "UPDATE messages SET origin = 'not json' WHERE id = ?1",
+        [&id],
+    )
+    .unwrap();
+    drop(db);
+    let r = http(
+        &base,
+        "GET",
+        &format!("/api/v1/messages/{id}"),
+        Some(ADMIN_KEY),
+        None,
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (500, "internal"));
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        !body.contains("origin"),
+        "no internal detail in the answer: {body}"
+    );
+    assert!(r.header("x-request-id").is_some());
+    // The log has it.
+    assert!(
+        poll(Duration::from_secs(5), || s
+            .log()
+            .contains("messages.origin")
+            .then_some(()))
+        .is_some()
+    );
+    // Everything else still works.
+    assert_eq!(
+        http(&base, "GET", "/api/v1/messages", Some(ADMIN_KEY), None).status,
+        200
+    );
+}
