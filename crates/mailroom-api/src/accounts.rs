@@ -200,6 +200,32 @@ pub async fn list(
     }))
 }
 
+/// The account an object being made belongs to: an account's own (naming
+/// another is 404, as if it did not exist), or the one the admin names.
+pub(crate) fn target_account(
+    state: &AppState,
+    principal: &Principal,
+    requested: Option<String>,
+) -> Result<Account, ApiError> {
+    let id = match (principal, requested) {
+        (Principal::Account(own), Some(other)) if *own != other => {
+            return Err(ApiError::not_found("account"));
+        }
+        (Principal::Account(own), _) => own.clone(),
+        (Principal::Admin, Some(id)) => id,
+        (Principal::Admin, None) => {
+            return Err(ApiError::invalid(
+                "account_id",
+                "the admin key must name the account",
+            ));
+        }
+    };
+    state
+        .tenants
+        .account(&id)
+        .ok_or_else(|| ApiError::not_found("account"))
+}
+
 /// The account if the caller may see it; 404 otherwise.
 pub(crate) fn visible(
     state: &AppState,

@@ -56,23 +56,7 @@ pub async fn create(
     body: Bytes,
 ) -> Result<(StatusCode, Json<DomainView>), ApiError> {
     let request: DomainRequest = parse_json(&headers, &body)?;
-    let account_id = match (&principal, request.account_id) {
-        (Principal::Account(own), Some(other)) if *own != other => {
-            return Err(ApiError::not_found("account"));
-        }
-        (Principal::Account(own), _) => own.clone(),
-        (Principal::Admin, Some(id)) => id,
-        (Principal::Admin, None) => {
-            return Err(ApiError::invalid(
-                "account_id",
-                "the admin key must name the account",
-            ));
-        }
-    };
-    let mut account = state
-        .tenants
-        .account(&account_id)
-        .ok_or_else(|| ApiError::not_found("account"))?;
+    let mut account = crate::accounts::target_account(&state, &principal, request.account_id)?;
     let domain = crate::accounts::check_domains(std::slice::from_ref(&request.domain))
         .map_err(|e| e.with_field("domain"))?
         .remove(0);

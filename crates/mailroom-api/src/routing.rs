@@ -23,6 +23,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::accounts::target_account;
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
 use crate::messages::parse_json;
@@ -143,32 +144,6 @@ fn to_delivery(p: &ProviderRecord) -> Option<Provider> {
     }
 }
 
-/// The account a create request acts for.
-fn target_account(
-    state: &AppState,
-    principal: &Principal,
-    requested: Option<String>,
-) -> Result<String, ApiError> {
-    let id = match (principal, requested) {
-        (Principal::Account(own), Some(other)) if *own != other => {
-            return Err(ApiError::not_found("account"));
-        }
-        (Principal::Account(own), _) => own.clone(),
-        (Principal::Admin, Some(id)) => id,
-        (Principal::Admin, None) => {
-            return Err(ApiError::invalid(
-                "account_id",
-                "the admin key must name the account",
-            ));
-        }
-    };
-    state
-        .tenants
-        .account(&id)
-        .map(|a| a.id)
-        .ok_or_else(|| ApiError::not_found("account"))
-}
-
 /// Add a provider
 #[utoipa::path(
     post, path = "/api/v1/providers", tag = "routing",
@@ -189,7 +164,7 @@ pub async fn create_provider(
     body: Bytes,
 ) -> Result<(StatusCode, Json<NewProviderView>), ApiError> {
     let r: ProviderRequest = parse_json(&headers, &body)?;
-    let account_id = target_account(&state, &principal, r.account_id.clone())?;
+    let account_id = target_account(&state, &principal, r.account_id.clone())?.id;
     if r.name.trim().is_empty() || r.name.len() > 100 || r.name.chars().any(char::is_control) {
         return Err(ApiError::invalid("name", "must be 1 to 100 characters"));
     }
@@ -456,7 +431,7 @@ pub async fn create_rule(
     body: Bytes,
 ) -> Result<(StatusCode, Json<RuleView>), ApiError> {
     let r: RuleRequest = parse_json(&headers, &body)?;
-    let account_id = target_account(&state, &principal, r.account_id.clone())?;
+    let account_id = target_account(&state, &principal, r.account_id.clone())?.id;
     match state.routing.provider(&r.provider_id) {
         Some(p) if p.account_id == account_id => {}
         _ => {

@@ -193,22 +193,7 @@ pub async fn create(
     body: Bytes,
 ) -> Result<(StatusCode, Json<NewWebhookView>), ApiError> {
     let request: WebhookRequest = parse_json(&headers, &body)?;
-    let account_id = match (&principal, request.account_id) {
-        (Principal::Account(own), Some(other)) if *own != other => {
-            return Err(ApiError::not_found("account"));
-        }
-        (Principal::Account(own), _) => own.clone(),
-        (Principal::Admin, Some(id)) => id,
-        (Principal::Admin, None) => {
-            return Err(ApiError::invalid(
-                "account_id",
-                "the admin key must name the account",
-            ));
-        }
-    };
-    if state.tenants.account(&account_id).is_none() {
-        return Err(ApiError::not_found("account"));
-    }
+    let account_id = crate::accounts::target_account(&state, &principal, request.account_id)?.id;
     check_url(&request.url)?;
     let events = match request.events {
         None => EventKind::ALL

@@ -455,34 +455,6 @@ fn claim_idempotency_key(conn: &Connection, pending: &Pending) -> rusqlite::Resu
 fn insert_rows(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
     let m = &pending.message;
     let env = &m.envelope;
-    if m.meta.account.is_some() || pending.tags.is_some() || pending.metadata.is_some() {
-        return insert_tenant_rows(conn, pending);
-    }
-    conn.prepare_cached(
-        "INSERT INTO messages (id, received_at, reverse_path, env_id, ret, body_type, \
-         smtputf8, priority, origin, size, content) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?
-    .execute(params![
-        pending.id,
-        m.received_at,
-        env.reverse_path.as_ref().map(|a| a.as_str()),
-        env.env_id,
-        env.ret.map(|r| r.as_str()),
-        env.body_type.as_str(),
-        env.smtputf8,
-        env.priority,
-        pending.origin,
-        pending.size,
-        m.content.as_slice(),
-    ])?;
-    insert_recipients(conn, pending)
-}
-
-/// A tenant's message: the same row with its account, tags and metadata.
-fn insert_tenant_rows(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
-    let m = &pending.message;
-    let env = &m.envelope;
     conn.prepare_cached(
         "INSERT INTO messages (id, received_at, reverse_path, env_id, ret, body_type, \
          smtputf8, priority, origin, size, content, account_id, tags, metadata) \
