@@ -90,6 +90,7 @@ level = "warn"
 [capture]
 smtp = "127.0.0.1:$PORT_BASE"
 http = "127.0.0.1:$((PORT_BASE + 1))"
+data_dir = "$dir/inbox"
 
 [capture.workers]
 command = ["python3", "$BENCH_TMP/noop_worker.py"]

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::inbox::{Inbox, Stored};
+use crate::inbox::{Inbox, InboxError, Stored};
 use crate::mime::{self, Mailbox};
 
 const INDEX: &str = include_str!("ui/index.html");
@@ -69,8 +69,38 @@ fn not_found() -> Response {
         .into_response()
 }
 
-async fn list(State(inbox): Inboxes, Query(q): Query<ListQuery>) -> Json<Value> {
-    let (page, total) = inbox.list(&q.query, q.start, q.limit.min(1000));
+/// The inbox file failed: logged here, a bare 500 for the client.
+fn unavailable(err: InboxError) -> Response {
+    tracing::warn!(error = %err, "capture inbox request failed");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(json!({"error": "inbox unavailable"})),
+    )
+        .into_response()
+}
+
+/// The message and its content, or the response to give instead.
+async fn load(inbox: &Inbox, id: &str) -> Result<(Stored, Vec<u8>), Response> {
+    match inbox.message(id).await {
+        Ok(Some(found)) => Ok(found),
+        Ok(None) => Err(not_found()),
+        Err(err) => Err(unavailable(err)),
+    }
+}
+
+async fn load_raw(inbox: &Inbox, id: &str) -> Result<Vec<u8>, Response> {
+    match inbox.raw(id).await {
+        Ok(Some(raw)) => Ok(raw),
+        Ok(None) => Err(not_found()),
+        Err(err) => Err(unavailable(err)),
+    }
+}
+
+async fn list(State(inbox): Inboxes, Query(q): Query<ListQuery>) -> Response {
+    let (page, total) = match inbox.list(&q.query, q.start, q.limit.min(1000)).await {
+        Ok(found) => found,
+        Err(err) => return unavailable(err),
+    };
     Json(json!({
         "total": total,
         "unread": inbox.unread(),
@@ -78,6 +108,7 @@ async fn list(State(inbox): Inboxes, Query(q): Query<ListQuery>) -> Json<Value> 
         "count": page.len(),
         "messages": page.iter().map(|m| m.summary()).collect::<Vec<_>>(),
     }))
+    .into_response()
 }
 
 #[derive(Serialize)]
@@ -91,11 +122,12 @@ struct PartInfo {
 }
 
 async fn detail(State(inbox): Inboxes, Path(id): Path<String>) -> Response {
-    let Some(m) = inbox.get(&id) else {
-        return not_found();
+    let (mut m, raw) = match load(&inbox, &id).await {
+        Ok(found) => found,
+        Err(response) => return response,
     };
-    inbox.set_read(&id, true);
-    let mime = parse(&m).await;
+    m.read = mark_read(&inbox, &id).await || m.read;
+    let mime = parse(raw).await;
     let parts: Vec<PartInfo> = mime
         .attachments
         .iter()
@@ -122,23 +154,30 @@ async fn detail(State(inbox): Inboxes, Path(id): Path<String>) -> Response {
     .into_response()
 }
 
+/// Opening a message marks it read; a failure to do so is logged, the
+/// message is shown anyway.
+async fn mark_read(inbox: &Inbox, id: &str) -> bool {
+    match inbox.set_read(id, true).await {
+        Ok(found) => found,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot mark a capture message read");
+            false
+        }
+    }
+}
+
 /// MIME parsing is CPU work; a large message must not stall the reactor.
-async fn parse(m: &Arc<Stored>) -> mime::Mime {
-    let m = m.clone();
-    tokio::task::spawn_blocking(move || mime::parse(&m.raw))
+async fn parse(raw: Vec<u8>) -> mime::Mime {
+    tokio::task::spawn_blocking(move || mime::parse(&raw))
         .await
         .unwrap_or_default()
 }
 
 async fn raw(State(inbox): Inboxes, Path(id): Path<String>) -> Response {
-    let Some(m) = inbox.get(&id) else {
-        return not_found();
-    };
-    (
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        m.raw.clone(),
-    )
-        .into_response()
+    match load_raw(&inbox, &id).await {
+        Ok(raw) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], raw).into_response(),
+        Err(response) => response,
+    }
 }
 
 #[derive(Deserialize)]
@@ -155,10 +194,10 @@ async fn html_view(
     Path(id): Path<String>,
     Query(q): Query<HtmlQuery>,
 ) -> Response {
-    let Some(m) = inbox.get(&id) else {
-        return not_found();
+    let mime = match load_raw(&inbox, &id).await {
+        Ok(raw) => parse(raw).await,
+        Err(response) => return response,
     };
-    let mime = parse(&m).await;
     let html = mime.html.unwrap_or_default();
     let base = format!("/api/messages/{id}/cid/");
     let html = html
@@ -178,10 +217,10 @@ async fn html_view(
 }
 
 async fn part(State(inbox): Inboxes, Path((id, index)): Path<(String, usize)>) -> Response {
-    let Some(m) = inbox.get(&id) else {
-        return not_found();
+    let mime = match load_raw(&inbox, &id).await {
+        Ok(raw) => parse(raw).await,
+        Err(response) => return response,
     };
-    let mime = parse(&m).await;
     match mime.attachments.into_iter().nth(index) {
         Some(p) => download(p, true),
         None => not_found(),
@@ -189,10 +228,10 @@ async fn part(State(inbox): Inboxes, Path((id, index)): Path<(String, usize)>) -
 }
 
 async fn cid_part(State(inbox): Inboxes, Path((id, cid)): Path<(String, String)>) -> Response {
-    let Some(m) = inbox.get(&id) else {
-        return not_found();
+    let mime = match load_raw(&inbox, &id).await {
+        Ok(raw) => parse(raw).await,
+        Err(response) => return response,
     };
-    let mime = parse(&m).await;
     match mime
         .attachments
         .into_iter()
@@ -254,16 +293,18 @@ fn download(p: mime::Part, attachment: bool) -> Response {
 }
 
 async fn delete_one(State(inbox): Inboxes, Path(id): Path<String>) -> Response {
-    if inbox.delete(&id) {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        not_found()
+    match inbox.delete(&id).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => not_found(),
+        Err(err) => unavailable(err),
     }
 }
 
-async fn delete_all(State(inbox): Inboxes) -> StatusCode {
-    inbox.clear();
-    StatusCode::NO_CONTENT
+async fn delete_all(State(inbox): Inboxes) -> Response {
+    match inbox.clear().await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => unavailable(err),
+    }
 }
 
 #[derive(Deserialize)]
@@ -276,10 +317,10 @@ async fn set_read(
     Path(id): Path<String>,
     Json(body): Json<ReadBody>,
 ) -> Response {
-    if inbox.set_read(&id, body.read) {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        not_found()
+    match inbox.set_read(&id, body.read).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => not_found(),
+        Err(err) => unavailable(err),
     }
 }
 
@@ -328,7 +369,7 @@ fn mailpit_summary(m: &Stored) -> Value {
     json!({
         "ID": m.id.to_string(),
         "MessageID": m.message_id,
-        "Read": m.read.load(std::sync::atomic::Ordering::Relaxed),
+        "Read": m.read,
         "From": a.from.first().map(|f| MailpitAddress { name: f.name.clone(), address: f.address.clone() }),
         "To": mailpit_addresses(&a.to),
         "Cc": mailpit_addresses(&a.cc),
@@ -337,14 +378,17 @@ fn mailpit_summary(m: &Stored) -> Value {
         "Subject": m.subject,
         "Created": crate::event::rfc3339_millis(m.received_at),
         "Tags": [],
-        "Size": m.raw.len(),
+        "Size": m.size,
         "Attachments": m.attachments,
         "Snippet": m.snippet,
     })
 }
 
-async fn mailpit_list(State(inbox): Inboxes, Query(q): Query<ListQuery>) -> Json<Value> {
-    let (page, total) = inbox.list(&q.query, q.start, q.limit.min(1000));
+async fn mailpit_list(State(inbox): Inboxes, Query(q): Query<ListQuery>) -> Response {
+    let (page, total) = match inbox.list(&q.query, q.start, q.limit.min(1000)).await {
+        Ok(found) => found,
+        Err(err) => return unavailable(err),
+    };
     Json(json!({
         "total": inbox.len(),
         "unread": inbox.unread(),
@@ -352,16 +396,18 @@ async fn mailpit_list(State(inbox): Inboxes, Query(q): Query<ListQuery>) -> Json
         "messages_count": total,
         "start": q.start,
         "tags": [],
-        "messages": page.iter().map(|m| mailpit_summary(m)).collect::<Vec<_>>(),
+        "messages": page.iter().map(mailpit_summary).collect::<Vec<_>>(),
     }))
+    .into_response()
 }
 
 async fn mailpit_message(State(inbox): Inboxes, Path(id): Path<String>) -> Response {
-    let Some(m) = inbox.get(&id) else {
-        return not_found();
+    let (m, raw) = match load(&inbox, &id).await {
+        Ok(found) => found,
+        Err(response) => return response,
     };
-    inbox.set_read(&id, true);
-    let mime = parse(&m).await;
+    mark_read(&inbox, &id).await;
+    let mime = parse(raw).await;
     let parts = |inline: bool| -> Vec<Value> {
         mime.attachments
             .iter()
@@ -393,7 +439,7 @@ async fn mailpit_message(State(inbox): Inboxes, Path(id): Path<String>) -> Respo
         "Tags": [],
         "Text": mime.text.clone().unwrap_or_default(),
         "HTML": mime.html.clone().unwrap_or_default(),
-        "Size": m.raw.len(),
+        "Size": m.size,
         "Inline": parts(true),
         "Attachments": parts(false),
     }))
@@ -408,21 +454,29 @@ struct MailpitDelete {
 
 /// Mailpit: a JSON body `{"IDs": [...]}` deletes those; no body (or no
 /// IDs) deletes everything.
-async fn mailpit_delete(State(inbox): Inboxes, body: axum::body::Bytes) -> StatusCode {
+async fn mailpit_delete(State(inbox): Inboxes, body: axum::body::Bytes) -> Response {
     let request: MailpitDelete = if body.is_empty() {
         MailpitDelete::default()
     } else {
         match serde_json::from_slice(&body) {
             Ok(r) => r,
-            Err(_) => return StatusCode::BAD_REQUEST,
+            Err(_) => return StatusCode::BAD_REQUEST.into_response(),
         }
     };
-    if request.ids.is_empty() {
-        inbox.clear();
+    let result = if request.ids.is_empty() {
+        inbox.clear().await
     } else {
+        let mut result = Ok(());
         for id in &request.ids {
-            inbox.delete(id);
+            if let Err(err) = inbox.delete(id).await {
+                result = Err(err);
+                break;
+            }
         }
+        result
+    };
+    match result {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(err) => unavailable(err),
     }
-    StatusCode::OK
 }

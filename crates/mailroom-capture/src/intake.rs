@@ -1,7 +1,7 @@
 //! The capture intake: what happens to a message the SMTP session accepted.
 //! Parse it, build the event, hand it to a worker (waiting for one when
-//! all are busy), keep it in the inbox, queue it for the webhook, and tell
-//! the session whether to go on or close.
+//! all are busy), keep it in the inbox (committed before the answer), queue
+//! it for the webhook, and tell the session whether to go on or close.
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use mailroom_core::{Intake, IntakeError, NewMessage, Receipt, SessionFacts};
 use tracing::debug;
 
 use crate::attachments::AttachmentStore;
-use crate::inbox::{Inbox, NewEntry};
+use crate::inbox::{Inbox, InboxError, NewEntry};
 use crate::pool::WorkerPool;
 use crate::webhook::Webhook;
 use crate::{event, mime};
@@ -63,21 +63,29 @@ impl Intake for CaptureIntake {
             },
             None => Receipt::Continue,
         };
-        debug!(uuid = %event.uuid, ?receipt, "captured");
+        let uuid = event.uuid;
+        // Kept before the answer: `250` means the message is in the inbox.
+        self.inbox
+            .insert(NewEntry {
+                id: message.id,
+                received_at: message.received_at,
+                envelope_from: event.envelope.from,
+                envelope_to: event.envelope.to,
+                helo: event.envelope.helo,
+                remote_addr: event.remote_addr,
+                authentication: event.authentication,
+                mime: &mime,
+                raw: message.content,
+            })
+            .await
+            .map_err(|e| match e {
+                InboxError::Closed => IntakeError::ShuttingDown,
+                e => IntakeError::Store(e.to_string()),
+            })?;
+        debug!(%uuid, ?receipt, "captured");
         if let Some(webhook) = &self.webhook {
-            webhook.send(event.uuid.clone(), json);
+            webhook.send(uuid, json);
         }
-        self.inbox.insert(NewEntry {
-            id: message.id,
-            received_at: message.received_at,
-            envelope_from: event.envelope.from,
-            envelope_to: event.envelope.to,
-            helo: event.envelope.helo,
-            remote_addr: event.remote_addr,
-            authentication: event.authentication,
-            mime: &mime,
-            raw: message.content,
-        });
         Ok(receipt)
     }
 }

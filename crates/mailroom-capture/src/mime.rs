@@ -30,7 +30,7 @@ pub struct Mime {
 }
 
 /// The address headers, split into name and address (for the Mailpit API).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Addresses {
     pub from: Vec<Mailbox>,
     pub to: Vec<Mailbox>,
@@ -38,7 +38,7 @@ pub struct Addresses {
     pub reply_to: Vec<Mailbox>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Mailbox {
     pub name: String,
     pub address: String,

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::attachments::AttachmentStore;
-use crate::inbox::Inbox;
+use crate::inbox::{Inbox, InboxError};
 use crate::intake::CaptureIntake;
 use crate::pool::{WorkerError, WorkerPool};
 use crate::webhook::{Webhook, WebhookError};
@@ -36,6 +36,8 @@ pub enum CaptureError {
     Workers(#[from] WorkerError),
     #[error("[capture.webhook]: {0}")]
     Webhook(#[from] WebhookError),
+    #[error("{0}")]
+    Inbox(#[from] InboxError),
 }
 
 /// A running capture server.
@@ -87,7 +89,13 @@ impl Capture {
             temp_dir,
             config.cleanup_after,
         ));
-        let inbox = Arc::new(Inbox::new(config.max_messages, config.max_age));
+        let inbox = {
+            let (dir, max, age) = (config.data_dir.clone(), config.max_messages, config.max_age);
+            tokio::task::spawn_blocking(move || Inbox::open(&dir, max, age))
+                .await
+                .map_err(|e| InboxError::Task(e.to_string()))??
+        };
+        let inbox = Arc::new(inbox);
         let pool = if config.workers.command.is_empty() {
             None
         } else {
@@ -158,7 +166,12 @@ impl Capture {
                     _ = tokio::time::sleep(SWEEP_EVERY) => {}
                     _ = stopped.wait_for(|s| *s) => return,
                 }
-                sweeper_inbox.expire(mailroom_core::time::now_unix_millis());
+                if let Err(err) = sweeper_inbox
+                    .expire(mailroom_core::time::now_unix_millis())
+                    .await
+                {
+                    warn!(error = %err, "cannot expire old inbox messages");
+                }
                 let files = sweeper_files.clone();
                 let _ = tokio::task::spawn_blocking(move || files.sweep()).await;
             }
@@ -189,7 +202,8 @@ impl Capture {
     }
 
     /// Stops listening, lets open transactions finish for up to `grace`,
-    /// stops the workers and deletes every tempfile attachment.
+    /// stops the workers, closes the inbox file and deletes every tempfile
+    /// attachment.
     pub async fn shutdown(self, grace: Duration) {
         let cut = self.smtp_shutdown.shutdown(grace).await;
         if cut > 0 {
@@ -205,6 +219,7 @@ impl Capture {
         for task in self.tasks {
             task.abort();
         }
+        self.inbox.close().await;
         let files = self.attachments.clone();
         let _ = tokio::task::spawn_blocking(move || files.remove_all()).await;
         info!("capture stopped");

@@ -196,7 +196,9 @@ async fn send(capture: &Capture, subject: &str) {
 async fn new_mail_appears_live_and_its_html_and_attachment_work() {
     need("python3", "python3");
     let downloads = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
     let config = CaptureConfig {
+        data_dir: data.path().to_owned(),
         smtp: "127.0.0.1:0".parse().unwrap(),
         http: "127.0.0.1:0".parse().unwrap(),
         ..CaptureConfig::default()

@@ -90,8 +90,9 @@ async fn send(capture: &Capture, subject: &str) {
     );
 }
 
-async fn start() -> Capture {
+async fn start(data_dir: &Path) -> Capture {
     let config = CaptureConfig {
+        data_dir: data_dir.to_owned(),
         smtp: "127.0.0.1:0".parse().unwrap(),
         http: "127.0.0.1:0".parse().unwrap(),
         ..CaptureConfig::default()
@@ -101,7 +102,8 @@ async fn start() -> Capture {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_lists_shows_searches_downloads_and_deletes() {
-    let capture = start().await;
+    let data = tempfile::tempdir().unwrap();
+    let capture = start(data.path()).await;
     let http = capture.http_addr();
     send(&capture, "First invoice").await;
     send(&capture, "Second note").await;
@@ -246,7 +248,8 @@ async fn api_lists_shows_searches_downloads_and_deletes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mailpit_subset_uses_mailpits_paths_and_names() {
-    let capture = start().await;
+    let data = tempfile::tempdir().unwrap();
+    let capture = start(data.path()).await;
     let http = capture.http_addr();
     send(&capture, "Mailpit ✓").await;
 
@@ -341,7 +344,8 @@ async fn mailpit_subset_uses_mailpits_paths_and_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_stream_announces_new_mail() {
-    let capture = start().await;
+    let data = tempfile::tempdir().unwrap();
+    let capture = start(data.path()).await;
     let mut stream = TcpStream::connect(capture.http_addr()).await.unwrap();
     stream
         .write_all(b"GET /api/events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n")
@@ -381,7 +385,9 @@ async fn the_event_stream_announces_new_mail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_receives_the_event() {
     let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let data = tempfile::tempdir().unwrap();
     let config = CaptureConfig {
+        data_dir: data.path().to_owned(),
         smtp: "127.0.0.1:0".parse().unwrap(),
         http: "127.0.0.1:0".parse().unwrap(),
         webhook: mailroom_core::config::CaptureWebhook {
@@ -428,7 +434,9 @@ async fn the_webhook_receives_the_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_is_cut_off_after_read_timeout() {
+    let data = tempfile::tempdir().unwrap();
     let config = CaptureConfig {
+        data_dir: data.path().to_owned(),
         smtp: "127.0.0.1:0".parse().unwrap(),
         http: "127.0.0.1:0".parse().unwrap(),
         read_timeout: Duration::from_millis(300),
@@ -446,5 +454,64 @@ async fn a_silent_client_is_cut_off_after_read_timeout() {
         .expect("the server closes the connection")
         .unwrap();
     assert!(rest.starts_with("421 4.4.2 "), "{rest}");
+    capture.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The inbox is a file: a restarted server shows the same messages (read
+/// flags included), searches them, and prunes to a lowered `max_messages`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_survive_a_restart_and_retention_still_prunes() {
+    let data = tempfile::tempdir().unwrap();
+    let capture = start(data.path()).await;
+    for subject in ["Alpha invoice", "Beta note", "Gamma invoice"] {
+        send(&capture, subject).await;
+    }
+    let http = capture.http_addr();
+    let list = request(http, "GET", "/api/messages", "").await.json();
+    let beta = list["messages"][1]["id"].as_str().unwrap().to_owned();
+    request(http, "GET", &format!("/api/messages/{beta}"), "").await;
+    capture.shutdown(Duration::from_secs(5)).await;
+    assert!(data.path().join("inbox.sqlite3").exists());
+
+    let capture = start(data.path()).await;
+    let http = capture.http_addr();
+    let list = request(http, "GET", "/api/messages", "").await.json();
+    assert_eq!(
+        (list["total"].as_u64(), list["unread"].as_u64()),
+        (Some(3), Some(2))
+    );
+    assert_eq!(
+        list["messages"][0]["subject"], "Gamma invoice",
+        "newest first"
+    );
+    assert_eq!(list["messages"][1]["read"], true);
+    let found = request(http, "GET", "/api/messages?query=subject:invoice", "")
+        .await
+        .json();
+    assert_eq!(found["total"], 2);
+    let raw = request(http, "GET", &format!("/api/messages/{beta}/raw"), "").await;
+    assert!(String::from_utf8_lossy(&raw.body).contains("Subject: Beta note"));
+    capture.shutdown(Duration::from_secs(5)).await;
+
+    let config = CaptureConfig {
+        data_dir: data.path().to_owned(),
+        smtp: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        max_messages: 2,
+        ..CaptureConfig::default()
+    };
+    let capture = Capture::start("capture.test", &config).await.unwrap();
+    assert_eq!(capture.inbox().len(), 2, "pruned to max_messages on start");
+    send(&capture, "Delta").await;
+    let list = request(capture.http_addr(), "GET", "/api/v1/messages", "")
+        .await
+        .json();
+    let subjects: Vec<&str> = list["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["Subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects, ["Delta", "Gamma invoice"]);
     capture.shutdown(Duration::from_secs(5)).await;
 }

@@ -43,6 +43,7 @@ fn config(dir: &Path, codec: WorkerCodec, command: Vec<String>) -> CaptureConfig
         smtp: "127.0.0.1:0".parse().unwrap(),
         http: "127.0.0.1:0".parse().unwrap(),
         temp_dir: Some(dir.join("attachments")),
+        data_dir: dir.join("inbox"),
         ..CaptureConfig::default()
     };
     c.workers.command = command;

@@ -513,6 +513,8 @@ pub struct CaptureConfig {
     /// How long `tempfile` attachments live.
     #[serde(with = "crate::duration")]
     pub cleanup_after: Duration,
+    /// Where the inbox file (`inbox.sqlite3`) lives; created if missing.
+    pub data_dir: PathBuf,
     /// Messages kept in the inbox; the oldest go first.
     pub max_messages: usize,
     /// Messages older than this leave the inbox; 0s keeps them.
@@ -535,6 +537,7 @@ impl Default for CaptureConfig {
             attachments: AttachmentMode::Memory,
             temp_dir: None,
             cleanup_after: Duration::from_secs(3600),
+            data_dir: PathBuf::from("./mailroom-capture-data"),
             max_messages: 10_000,
             max_age: Duration::ZERO,
             workers: CaptureWorkers::default(),
