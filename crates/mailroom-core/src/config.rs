@@ -603,7 +603,7 @@ impl Default for CaptureWorkers {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CaptureWebhook {
-    /// `http://host:port/path`; empty: no webhook.
+    /// `http://` or `https://` URL; empty: no webhook.
     pub url: String,
     /// Further tries after a failed POST, with doubling pauses.
     pub retries: u32,
@@ -664,10 +664,10 @@ impl CaptureConfig {
             }
         }
         let url = &self.webhook.url;
-        if !url.is_empty() && !url.starts_with("http://") {
+        if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
             return Err(invalid(
                 "capture.webhook.url",
-                "must be an http:// URL (capture mode talks to local services)",
+                "must be an http:// or https:// URL",
             ));
         }
         Ok(())
