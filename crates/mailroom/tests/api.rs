@@ -2041,3 +2041,75 @@ fn a_store_failure_is_a_500_with_no_detail() {
         200
     );
 }
+
+/// Every `202` survives `kill -9`: clients send over HTTP without pause,
+/// the server is killed mid-run, and after a restart each acknowledged
+/// message is in the store with the text it was sent with.
+#[test]
+fn every_202_survives_kill_9() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut s = server();
+    let base = s.http_base();
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|client| {
+            let (base, acked, stop) = (base.clone(), acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for seq in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let text = format!("client {client} message {seq}");
+                    let body = json!({"from": "load@a.test", "to": "sink@remote.test",
+                                      "subject": "kill -9", "text": text});
+                    // After the kill, connections fail: the request was not
+                    // acknowledged, so nothing is owed.
+                    let headers = [
+                        ("Authorization".to_owned(), format!("Bearer {ADMIN_KEY}")),
+                        ("Content-Type".to_owned(), "application/json".to_owned()),
+                    ];
+                    let bytes = body.to_string().into_bytes();
+                    let Some(r) = common::try_http_request(
+                        &base,
+                        "POST",
+                        "/api/v1/messages",
+                        &headers,
+                        Some(&bytes),
+                    ) else {
+                        break;
+                    };
+                    if r.status == 202 {
+                        let id = r.json()["id"].as_str().unwrap().to_owned();
+                        acked.lock().unwrap().push((id, text));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    s.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.join();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "only {} messages were acknowledged",
+        acked.len()
+    );
+    s.restart();
+    let store = s.store();
+    for (id, text) in &acked {
+        let message = mailroom_store::Store::get(&store, &id.parse().unwrap())
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id} was acknowledged with 202 but is not stored"));
+        assert!(
+            String::from_utf8_lossy(&message.content).contains(text.as_str()),
+            "{id}"
+        );
+    }
+    eprintln!("{} acknowledged messages, all stored", acked.len());
+}

@@ -1099,11 +1099,21 @@ pub fn http_request(
     headers: &[(String, String)],
     body: Option<&[u8]>,
 ) -> HttpResponse {
+    try_http_request(base, method, path, headers, body)
+        .unwrap_or_else(|| panic!("no HTTP answer from {base} to {method} {path}"))
+}
+
+/// As [`http_request`]; `None` when there is no answer (the server is gone).
+pub fn try_http_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Option<&[u8]>,
+) -> Option<HttpResponse> {
     let addr = base.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .expect("timeout");
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).ok()?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -1122,19 +1132,12 @@ pub fn http_request(
     parse_http_response(&raw)
 }
 
-fn parse_http_response(raw: &[u8]) -> HttpResponse {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(raw)));
+fn parse_http_response(raw: &[u8]) -> Option<HttpResponse> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..end]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok())?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -1164,9 +1167,9 @@ fn parse_http_response(raw: &[u8]) -> HttpResponse {
         }
         body = out;
     }
-    HttpResponse {
+    Some(HttpResponse {
         status,
         headers,
         body,
-    }
+    })
 }
