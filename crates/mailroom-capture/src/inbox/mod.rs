@@ -550,6 +550,12 @@ mod tests {
     async fn survives_reopening_and_prunes_to_a_lower_limit() {
         let dir = tempfile::tempdir().unwrap();
         let inbox = Inbox::open(dir.path(), 10, Duration::ZERO).unwrap();
+        let file = rusqlite::Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        let page_size: i64 = file
+            .pragma_query_value(None, "page_size", |row| row.get(0))
+            .unwrap();
+        assert_eq!(page_size, 16 * 1024);
+        drop(file);
         let first = add(&inbox, "alice@x", "first", "hello world", 1).await;
         add(&inbox, "bob@x", "second", "", 2).await;
         add(&inbox, "carol@x", "third", "", 3).await;
