@@ -76,8 +76,6 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-const LATEST: i64 = MIGRATIONS.len() as i64;
-
 /// Waiting for a lock held by another connection (a checkpoint).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -182,29 +180,17 @@ fn configure_writer(conn: &Connection) -> Result<(), InboxError> {
     Ok(())
 }
 
-/// Brings the file up to [`LATEST`], one transaction per migration.
+/// Brings the file up to the last of [`MIGRATIONS`], one transaction each, the
+/// way the queue's store migrates its own file.
 fn migrate(conn: &mut Connection) -> Result<i64, InboxError> {
-    loop {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        if version > LATEST {
-            return Err(InboxError::SchemaTooNew {
-                found: version,
-                supported: LATEST,
-            });
+    use mailroom_store::StoreError;
+    mailroom_store::sqlite::migrate_with(conn, MIGRATIONS).map_err(|e| match e {
+        StoreError::SchemaTooNew { found, supported } => {
+            InboxError::SchemaTooNew { found, supported }
         }
-        let Ok(step) = usize::try_from(version) else {
-            return Err(InboxError::Corrupt(format!(
-                "negative schema version {version}"
-            )));
-        };
-        let Some(sql) = MIGRATIONS.get(step) else {
-            return Ok(version);
-        };
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version + 1)?;
-        tx.commit()?;
-    }
+        StoreError::Sqlite(e) => InboxError::Corrupt(e.to_string()),
+        other => InboxError::Corrupt(other.to_string()),
+    })
 }
 
 struct Writer {

@@ -13,6 +13,8 @@ mod read;
 mod schema;
 mod writer;
 
+pub use schema::migrate_with;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -177,21 +177,27 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-/// The schema version this build creates and understands.
-pub(crate) const LATEST: i64 = MIGRATIONS.len() as i64;
+/// Brings the database up to the last of [`MIGRATIONS`], one transaction
+/// per migration.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<i64, StoreError> {
+    migrate_with(conn, MIGRATIONS)
+}
 
-/// Brings the database up to [`LATEST`], one transaction per migration.
+/// Applies `migrations[user_version..]`, one transaction each, and returns
+/// the version reached; for any SQLite file kept the way this store keeps
+/// its own (the capture inbox uses it too).
 ///
 /// The version is read inside each write transaction, so two processes
 /// opening a fresh database at once cannot both apply the same step.
-pub(crate) fn migrate(conn: &mut Connection) -> Result<i64, StoreError> {
+pub fn migrate_with(conn: &mut Connection, migrations: &[&str]) -> Result<i64, StoreError> {
+    let latest = migrations.len() as i64;
     loop {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        if version > LATEST {
+        if version > latest {
             return Err(StoreError::SchemaTooNew {
                 found: version,
-                supported: LATEST,
+                supported: latest,
             });
         }
         let Ok(step) = usize::try_from(version) else {
@@ -199,7 +205,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<i64, StoreError> {
                 "negative schema version {version}"
             )));
         };
-        let Some(sql) = MIGRATIONS.get(step) else {
+        let Some(sql) = migrations.get(step) else {
             return Ok(version);
         };
         tx.execute_batch(sql)?;
