@@ -274,8 +274,9 @@ pub struct HttpConfig {
     /// Where the API listens; absent: no HTTP API.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<SocketAddr>,
-    /// The operator's key: manages every account. Absent: only account keys
-    /// work, and accounts are made with `mailroom account create`.
+    /// The operator's key: manages every account. Absent: only existing
+    /// account keys work, so no account can be created (`mailroom account
+    /// create` uses this key too).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_key: Option<String>,
     /// Largest request body in octets (a 25 MiB message is ~34 MiB in base64).

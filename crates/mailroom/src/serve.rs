@@ -170,7 +170,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             )
             .context("cannot load accounts and API keys")?;
             if config.http.admin_key.is_none() {
-                info!("no http.admin_key: only account keys are accepted");
+                info!(
+                    "no http.admin_key (MAILROOM_HTTP__ADMIN_KEY): only existing account keys are accepted"
+                );
             }
             info!(addr = %addr, "HTTP API listening");
             tokio::spawn(mailroom_api::flush_key_use(state.clone()));
