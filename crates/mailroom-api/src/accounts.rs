@@ -129,7 +129,6 @@ pub(crate) fn check_domains(domains: &[String]) -> Result<Vec<String>, ApiError>
     request_body = AccountRequest,
     responses(
         (status = 201, description = "Created", body = AccountView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
         (status = 422, description = "A field is invalid", body = ErrorBody),
@@ -181,7 +180,6 @@ fn name_taken(e: mailroom_store::StoreError) -> ApiError {
     get, path = "/api/v1/accounts", tag = "accounts",
     responses(
         (status = 200, description = "Accounts", body = AccountList),
-        (status = 401, description = "No valid key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -245,7 +243,6 @@ pub(crate) fn visible(
     params(("id" = String, Path)),
     responses(
         (status = 200, description = "The account", body = AccountView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such account (or not yours)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -265,7 +262,6 @@ pub async fn get(
     request_body = AccountPatch,
     responses(
         (status = 200, description = "Changed", body = AccountView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
@@ -321,7 +317,6 @@ pub async fn update(
     params(("id" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
     ),
@@ -427,7 +422,6 @@ async fn mint(state: &AppState, account_id: &str, name: String) -> Result<NewKey
     request_body = KeyRequest,
     responses(
         (status = 201, description = "Created; `secret` is shown once", body = NewKeyView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
         (status = 422, description = "A field is invalid", body = ErrorBody),
     ),
@@ -462,7 +456,6 @@ pub async fn create_key(
     params(("id" = String, Path)),
     responses(
         (status = 200, description = "Keys, revoked ones included", body = KeyList),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -486,7 +479,6 @@ pub async fn list_keys(
     params(("id" = String, Path), ("key_id" = String, Path)),
     responses(
         (status = 204, description = "Revoked"),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such key, or already revoked", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -513,7 +505,6 @@ pub async fn revoke_key(
     params(("id" = String, Path), ("key_id" = String, Path)),
     responses(
         (status = 201, description = "The new key; `secret` is shown once", body = NewKeyView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such key, or already revoked", body = ErrorBody),
     ),
     security(("bearer" = []))

@@ -42,7 +42,6 @@ pub struct DomainList {
     request_body = DomainRequest,
     responses(
         (status = 201, description = "Added", body = DomainView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "Another account has the domain", body = ErrorBody),
         (status = 422, description = "Not a domain", body = ErrorBody),
@@ -95,7 +94,6 @@ pub async fn create(
     get, path = "/api/v1/domains", tag = "domains",
     responses(
         (status = 200, description = "Domains the caller may see", body = DomainList),
-        (status = 401, description = "No valid key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -137,7 +135,6 @@ fn owned(state: &AppState, principal: &Principal, domain: &str) -> Result<String
     params(("domain" = String, Path)),
     responses(
         (status = 200, description = "The domain and its account", body = DomainView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such domain (or not yours)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -160,7 +157,6 @@ pub async fn get(
     params(("domain" = String, Path)),
     responses(
         (status = 204, description = "Removed"),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such domain (or not yours)", body = ErrorBody),
     ),
     security(("bearer" = []))

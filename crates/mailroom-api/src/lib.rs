@@ -82,6 +82,8 @@ pub use state::{ApiSettings, AppState, Queue};
         webhooks::delete,
         webhooks::deliveries,
     ),
+    // The shared error body, referenced by the common error responses.
+    components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&Security, &CommonErrors),
     tags(
         (name = "messages", description = "Send and follow mail"),

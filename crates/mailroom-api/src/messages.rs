@@ -47,7 +47,6 @@ pub struct Queued {
     responses(
         (status = 202, description = "Durably queued", body = Queued),
         (status = 400, description = "Not JSON", body = ErrorBody),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 403, description = "Sender domain not allowed", body = ErrorBody),
         (status = 409, description = "Idempotency key reused with another body", body = ErrorBody),
         (status = 413, description = "Message or body too large", body = ErrorBody),
@@ -380,7 +379,6 @@ pub const MAX_BATCH: usize = 1000;
     responses(
         (status = 200, description = "Every item's result", body = BatchResult),
         (status = 400, description = "Not JSON, or an Idempotency-Key", body = ErrorBody),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Not a batch, or more than 1,000 messages", body = ErrorBody),
     ),
@@ -500,7 +498,6 @@ pub struct AttemptView {
     params(("id" = String, Path, description = "Message id")),
     responses(
         (status = 200, description = "The message and its recipients", body = MessageView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such message (or another account's)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -632,7 +629,6 @@ pub struct MessageSummaryView {
     responses(
         (status = 200, description = "One page", body = MessagePage),
         (status = 400, description = "A bad parameter", body = ErrorBody),
-        (status = 401, description = "No valid key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -728,7 +724,6 @@ pub struct Changed {
     params(("id" = String, Path, description = "Message id")),
     responses(
         (status = 200, description = "Cancelled", body = Changed),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such message", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -772,7 +767,6 @@ pub async fn cancel(
     params(("id" = String, Path, description = "Message id")),
     responses(
         (status = 200, description = "Rescheduled", body = Changed),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such message", body = ErrorBody),
         (status = 409, description = "Nothing left to retry", body = ErrorBody),
     ),

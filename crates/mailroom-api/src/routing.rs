@@ -150,7 +150,6 @@ fn to_delivery(p: &ProviderRecord) -> Option<Provider> {
     request_body = ProviderRequest,
     responses(
         (status = 201, description = "Created; a webhook's `secret` is shown once", body = NewProviderView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
         (status = 422, description = "A field is invalid", body = ErrorBody),
@@ -256,7 +255,6 @@ pub async fn create_provider(
     get, path = "/api/v1/providers", tag = "routing",
     responses(
         (status = 200, description = "Providers the caller may see (no secrets)", body = ProviderList),
-        (status = 401, description = "No valid key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -293,7 +291,6 @@ fn visible_provider(
     params(("id" = String, Path)),
     responses(
         (status = 200, description = "The provider (no secrets)", body = ProviderView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such provider", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -314,7 +311,6 @@ pub async fn get_provider(
     params(("id" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such provider", body = ErrorBody),
         (status = 409, description = "Rules use it", body = ErrorBody),
     ),
@@ -418,7 +414,6 @@ fn rule_view(r: &Rule) -> RuleView {
     request_body = RuleRequest,
     responses(
         (status = 201, description = "Created", body = RuleView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
         (status = 422, description = "A field is invalid (or the provider is not the account's)", body = ErrorBody),
     ),
@@ -489,7 +484,6 @@ pub async fn create_rule(
     get, path = "/api/v1/routing-rules", tag = "routing",
     responses(
         (status = 200, description = "Rules the caller may see", body = RuleList),
-        (status = 401, description = "No valid key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -523,7 +517,6 @@ fn visible_rule(state: &AppState, principal: &Principal, id: &str) -> Result<Rul
     params(("id" = String, Path)),
     responses(
         (status = 200, description = "The rule", body = RuleView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such rule", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -542,7 +535,6 @@ pub async fn get_rule(
     params(("id" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such rule", body = ErrorBody),
     ),
     security(("bearer" = []))

@@ -72,7 +72,6 @@ pub struct LoginList {
     request_body = LoginRequest,
     responses(
         (status = 201, description = "Created; `password` is shown once", body = NewLoginView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "The username is taken", body = ErrorBody),
         (status = 422, description = "A field is invalid", body = ErrorBody),
@@ -157,7 +156,6 @@ fn taken() -> ApiError {
     params(("id" = String, Path)),
     responses(
         (status = 200, description = "Logins (never their passwords)", body = LoginList),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -181,7 +179,6 @@ pub async fn list(
     params(("id" = String, Path), ("credential_id" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such login", body = ErrorBody),
     ),
     security(("bearer" = []))

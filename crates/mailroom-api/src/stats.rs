@@ -10,7 +10,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::Principal;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::ApiError;
 use crate::messages::blocking;
 use crate::state::AppState;
 
@@ -93,7 +93,6 @@ pub struct StatsView {
     get, path = "/api/v1/stats", tag = "messages",
     responses(
         (status = 200, description = "Counts", body = StatsView),
-        (status = 401, description = "No valid key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

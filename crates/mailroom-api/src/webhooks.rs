@@ -180,7 +180,6 @@ fn check_url(url: &str) -> Result<(), ApiError> {
     request_body = WebhookRequest,
     responses(
         (status = 201, description = "Created; `secret` is shown once", body = NewWebhookView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
         (status = 422, description = "A field is invalid", body = ErrorBody),
     ),
@@ -242,7 +241,6 @@ pub async fn create(
     get, path = "/api/v1/webhooks", tag = "webhooks",
     responses(
         (status = 200, description = "Webhooks the caller may see", body = WebhookList),
-        (status = 401, description = "No valid key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -275,7 +273,6 @@ fn visible(state: &AppState, principal: &Principal, id: &str) -> Result<Webhook,
     params(("id" = String, Path)),
     responses(
         (status = 200, description = "The webhook", body = WebhookView),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such webhook", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -294,7 +291,6 @@ pub async fn get(
     params(("id" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such webhook", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -317,7 +313,6 @@ pub async fn delete(
     responses(
         (status = 200, description = "Deliveries", body = DeliveryList),
         (status = 400, description = "A bad parameter", body = ErrorBody),
-        (status = 401, description = "No valid key", body = ErrorBody),
         (status = 404, description = "No such webhook", body = ErrorBody),
     ),
     security(("bearer" = []))
