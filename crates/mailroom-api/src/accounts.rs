@@ -198,6 +198,26 @@ pub async fn list(
     }))
 }
 
+/// True when the account may send from `domain` (one of its sending
+/// domains or a subdomain of one; any domain when it has none). The same
+/// rule for HTTP and SMTP.
+pub(crate) fn sender_allowed(account: &Account, domain: &str) -> bool {
+    let domain = domain.to_ascii_lowercase();
+    account.allowed_sender_domains.is_empty()
+        || account
+            .allowed_sender_domains
+            .iter()
+            .any(|d| domain == *d || domain.ends_with(&format!(".{d}")))
+}
+
+/// The account's limits as the rate limiter takes them.
+pub(crate) fn limits(account: &Account) -> mailroom_policy::AccountLimits {
+    mailroom_policy::AccountLimits {
+        messages_per_minute: account.max_messages_per_minute,
+        recipients_per_day: account.max_recipients_per_day,
+    }
+}
+
 /// The account an object being made belongs to: an account's own (naming
 /// another is 404, as if it did not exist), or the one the admin names.
 pub(crate) fn target_account(

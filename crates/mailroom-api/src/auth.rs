@@ -145,6 +145,15 @@ impl Tenants {
             .collect()
     }
 
+    /// An account's status, without copying the account.
+    pub fn status(&self, id: &str) -> Option<AccountStatus> {
+        self.accounts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .map(|a| a.status)
+    }
+
     pub fn put_account(&self, account: Account) {
         self.accounts
             .write()
@@ -227,9 +236,9 @@ impl FromRequestParts<AppState> for Principal {
         let Some((key_id, account_id)) = state.tenants.lookup(token) else {
             return Err(ApiError::unauthorized());
         };
-        match state.tenants.account(&account_id) {
-            Some(account) if account.status == AccountStatus::Active => {}
-            Some(_) => {
+        match state.tenants.status(&account_id) {
+            Some(AccountStatus::Active) => {}
+            Some(AccountStatus::Suspended) => {
                 return Err(ApiError::forbidden(
                     "account_suspended",
                     "the account is suspended",

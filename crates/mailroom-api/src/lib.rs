@@ -196,6 +196,11 @@ pub fn state(
         queue,
         tenants,
         admin_key: settings.admin_key.clone(),
+        limits: send::Limits {
+            max_message_size: settings.max_message_size,
+            max_recipients: settings.max_recipients,
+            hostname: settings.hostname.clone(),
+        },
         settings,
         in_flight: Mutex::new(Default::default()),
         rates,

@@ -10,15 +10,16 @@ use axum::response::{IntoResponse, Response};
 use mailroom_core::time::{now_unix_millis, parse_rfc3339, rfc3339_millis};
 use mailroom_core::{IdempotencyRecord, MessageId, MessageMeta, NewMessage, Origin};
 use mailroom_store::{
-    ListQuery, RecipientState, RecipientUpdate, Store, StoreError, StoredMessage,
+    Account, ListQuery, RecipientState, RecipientUpdate, Store, StoreError, StoredMessage,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::accounts::{limits, sender_allowed};
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
-use crate::send::{self, Built, Limits, QueuedRecipient, SendRequest};
+use crate::send::{self, Built, QueuedRecipient, SendRequest};
 use crate::state::AppState;
 
 /// How long an idempotency key replays its first answer.
@@ -160,16 +161,14 @@ pub(crate) async fn accept(
     request: &SendRequest,
     idempotency: Option<IdempotencyRecord>,
 ) -> Result<(StatusCode, Queued), ApiError> {
-    let limits = Limits {
-        max_message_size: state.settings.max_message_size,
-        max_recipients: state.settings.max_recipients,
-        hostname: state.settings.hostname.clone(),
-    };
-    let built = send::build(request, &limits)?;
+    let built = send::build(request, &state.limits)?;
     let account = principal.account_id().map(str::to_owned);
     if let Some(id) = &account {
-        check_sender(state, id, &built)?;
-        check_rate(state, id, built.envelope.recipients.len())?;
+        let Some(account) = state.tenants.account(id) else {
+            return Err(ApiError::unauthorized());
+        };
+        check_sender(&account, &built)?;
+        check_rate(state, &account, built.envelope.recipients.len())?;
     }
     let queued = Queued {
         id: built.id.to_string(),
@@ -226,20 +225,10 @@ pub(crate) async fn accept(
 
 /// An account may send only from its allowed domains (or their
 /// subdomains), in the envelope and in From.
-fn check_sender(state: &AppState, account_id: &str, built: &Built) -> Result<(), ApiError> {
-    let Some(account) = state.tenants.account(account_id) else {
-        return Err(ApiError::unauthorized());
-    };
+fn check_sender(account: &Account, built: &Built) -> Result<(), ApiError> {
     if account.allowed_sender_domains.is_empty() {
         return Ok(());
     }
-    let allowed = |domain: &str| {
-        let domain = domain.to_ascii_lowercase();
-        account.allowed_sender_domains.iter().any(|d| {
-            let d = d.to_ascii_lowercase();
-            domain == d || domain.ends_with(&format!(".{d}"))
-        })
-    };
     let senders = built
         .envelope
         .reverse_path
@@ -248,7 +237,7 @@ fn check_sender(state: &AppState, account_id: &str, built: &Built) -> Result<(),
         .map(|a| a.domain().to_owned())
         .chain(send::header_from_domain(&built.content));
     for domain in senders {
-        if !allowed(&domain) {
+        if !sender_allowed(account, &domain) {
             return Err(ApiError::forbidden(
                 "sender_domain_not_allowed",
                 format!("the account may not send from {domain}"),
@@ -261,19 +250,15 @@ fn check_sender(state: &AppState, account_id: &str, built: &Built) -> Result<(),
 
 /// Takes the message from the account's allowance, or answers 429 with
 /// when to come back.
-fn check_rate(state: &AppState, account_id: &str, recipients: usize) -> Result<(), ApiError> {
-    let Some(account) = state.tenants.account(account_id) else {
-        return Err(ApiError::unauthorized());
-    };
-    let limits = mailroom_policy::AccountLimits {
-        messages_per_minute: account.max_messages_per_minute,
-        recipients_per_day: account.max_recipients_per_day,
-    };
+fn check_rate(state: &AppState, account: &Account, recipients: usize) -> Result<(), ApiError> {
     let recipients = u32::try_from(recipients).unwrap_or(u32::MAX);
-    match state
-        .rates
-        .take(account_id, limits, 1, recipients, std::time::Instant::now())
-    {
+    match state.rates.take(
+        &account.id,
+        limits(account),
+        1,
+        recipients,
+        std::time::Instant::now(),
+    ) {
         Ok(()) => Ok(()),
         Err(mailroom_policy::Refusal::Messages { retry_after }) => Err(ApiError::rate_limited(
             "the account's messages_per_minute limit is reached",
@@ -526,7 +511,7 @@ async fn load(
 }
 
 fn view(message: StoredMessage, attempts: Vec<mailroom_store::AttemptRecord>) -> MessageView {
-    let status = summary_state(message.recipients.iter().map(|r| r.state));
+    let status = RecipientState::summary(message.recipients.iter().map(|r| r.state));
     let recipients = message
         .recipients
         .iter()
@@ -567,20 +552,6 @@ fn view(message: StoredMessage, attempts: Vec<mailroom_store::AttemptRecord>) ->
         metadata: message.meta.metadata,
         recipients,
     }
-}
-
-/// As the store ranks them for listings.
-fn summary_state(states: impl Iterator<Item = RecipientState>) -> RecipientState {
-    let rank = |s: RecipientState| match s {
-        RecipientState::Queued => 0,
-        RecipientState::Deferred => 1,
-        RecipientState::Held => 2,
-        RecipientState::Failed => 3,
-        RecipientState::Delivered => 4,
-    };
-    states
-        .min_by_key(|s| rank(*s))
-        .unwrap_or(RecipientState::Delivered)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

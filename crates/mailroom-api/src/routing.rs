@@ -27,6 +27,7 @@ use crate::accounts::target_account;
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
 use crate::messages::parse_json;
+use crate::send::header_fields;
 use crate::state::AppState;
 
 /// A provider's settings as stored (secrets included).
@@ -686,6 +687,8 @@ impl Routing {
             .reverse_path
             .as_ref()
             .map(|a| a.domain().to_ascii_lowercase());
+        // Read once per message, and only if a rule looks at a header.
+        let fields = std::cell::OnceCell::new();
         for (idx, recipient) in message.envelope.recipients.iter().enumerate() {
             let domain = recipient.address.domain().to_ascii_lowercase();
             let chosen = mine.iter().find(|r| {
@@ -698,9 +701,9 @@ impl Routing {
                     && c.metadata
                         .iter()
                         .all(|(k, v)| message.meta.metadata.get(k) == Some(v))
-                    && c.header
-                        .as_ref()
-                        .is_none_or(|h| header_matches(&message.content, h))
+                    && c.header.as_ref().is_none_or(|h| {
+                        header_matches(fields.get_or_init(|| header_fields(&message.content)), h)
+                    })
             });
             if let Some(rule) = chosen {
                 message
@@ -738,25 +741,17 @@ fn glob(pattern: &str, text: &str) -> bool {
     true
 }
 
-fn header_matches(content: &[u8], condition: &HeaderCondition) -> bool {
-    let end = content
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(content.len());
-    let head = String::from_utf8_lossy(&content[..end]);
-    // Unfolded (RFC 5322 §2.2.3), and runs of white space compared as one.
-    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
+/// True when one of the (unfolded) fields meets the condition; runs of
+/// white space compare as one.
+fn header_matches(fields: &[(String, String)], condition: &HeaderCondition) -> bool {
     let normal = |text: &str| {
         text.split_whitespace()
             .collect::<Vec<_>>()
             .join(" ")
             .to_lowercase()
     };
-    unfolded.split("\r\n").any(|line| {
-        let Some((name, value)) = line.split_once(':') else {
-            return false;
-        };
-        if !name.trim().eq_ignore_ascii_case(&condition.name) {
+    fields.iter().any(|(name, value)| {
+        if !name.eq_ignore_ascii_case(&condition.name) {
             return false;
         }
         let value = normal(value);
@@ -792,6 +787,7 @@ mod tests {
             value: value.map(Into::into),
             contains: contains.map(Into::into),
         };
+        let m = &header_fields(m);
         assert!(header_matches(m, &h(Some("spring sale"), None)));
         assert!(header_matches(m, &h(None, Some("SALE"))));
         assert!(!header_matches(m, &h(Some("body"), None)));

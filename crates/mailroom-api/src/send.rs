@@ -473,23 +473,34 @@ fn normalize_raw(raw: &str, id: MessageId, hostname: &str) -> Result<Vec<u8>, Ap
 /// The domain of the first address in the From header, if there is one:
 /// `From: "Ann" <ann@example.com>` gives `example.com`.
 pub fn header_from_domain(content: &[u8]) -> Option<String> {
-    let end = content
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(content.len());
-    let head = String::from_utf8_lossy(&content[..end]);
-    // Unfold continuation lines, then find the field.
-    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
-    let value = unfolded.split("\r\n").find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim().eq_ignore_ascii_case("from").then_some(value)
-    })?;
+    let fields = header_fields(content);
+    let (_, value) = fields
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("from"))?;
     let address = match (value.rfind('<'), value.rfind('>')) {
         (Some(open), Some(close)) if open < close => &value[open + 1..close],
         _ => value.split(',').next().unwrap_or(value).trim(),
     };
     let domain = address.rsplit_once('@')?.1.trim();
     (!domain.is_empty()).then(|| domain.to_ascii_lowercase())
+}
+
+/// A message's header fields (up to the blank line), unfolded (RFC 5322
+/// §2.2.3), as (name, value) with the name trimmed.
+pub fn header_fields(content: &[u8]) -> Vec<(String, String)> {
+    let end = content
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(content.len());
+    let head = String::from_utf8_lossy(&content[..end]);
+    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
+    unfolded
+        .split("\r\n")
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            Some((name.trim().to_owned(), value.to_owned()))
+        })
+        .collect()
 }
 
 fn envelope(

@@ -15,7 +15,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::accounts::visible;
+use crate::accounts::{limits, sender_allowed, visible};
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
 use crate::messages::{blocking, parse_json};
@@ -234,22 +234,6 @@ impl TenantPolicy {
             )),
         }
     }
-
-    fn limits(a: &mailroom_store::Account) -> mailroom_policy::AccountLimits {
-        mailroom_policy::AccountLimits {
-            messages_per_minute: a.max_messages_per_minute,
-            recipients_per_day: a.max_recipients_per_day,
-        }
-    }
-}
-
-fn domain_allowed(account: &mailroom_store::Account, domain: &str) -> bool {
-    let domain = domain.to_ascii_lowercase();
-    account.allowed_sender_domains.is_empty()
-        || account
-            .allowed_sender_domains
-            .iter()
-            .any(|d| domain == *d || domain.ends_with(&format!(".{d}")))
 }
 
 impl SessionPolicy for TenantPolicy {
@@ -258,7 +242,7 @@ impl SessionPolicy for TenantPolicy {
             return Ok(());
         };
         if let Some(from) = reverse_path
-            && !domain_allowed(&account, from.domain())
+            && !sender_allowed(&account, from.domain())
         {
             return Err(Reply::owned(
                 553,
@@ -270,7 +254,7 @@ impl SessionPolicy for TenantPolicy {
         match self
             .state
             .rates
-            .take(&account.id, Self::limits(&account), 1, 0, now)
+            .take(&account.id, limits(&account), 1, 0, now)
         {
             Ok(()) => Ok(()),
             Err(refusal) => Err(rate_reply(refusal)),
@@ -285,7 +269,7 @@ impl SessionPolicy for TenantPolicy {
         match self
             .state
             .rates
-            .take(&account.id, Self::limits(&account), 0, 1, now)
+            .take(&account.id, limits(&account), 0, 1, now)
         {
             Ok(()) => Ok(()),
             Err(refusal) => Err(rate_reply(refusal)),
@@ -297,7 +281,7 @@ impl SessionPolicy for TenantPolicy {
             return Ok(());
         };
         match crate::send::header_from_domain(content) {
-            Some(domain) if !domain_allowed(&account, &domain) => Err(Reply::owned(
+            Some(domain) if !sender_allowed(&account, &domain) => Err(Reply::owned(
                 550,
                 Enhanced(5, 7, 1),
                 format!("The account may not send From: {domain}"),

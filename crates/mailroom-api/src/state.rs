@@ -45,6 +45,8 @@ pub struct Shared {
     pub(crate) tenants: Tenants,
     pub(crate) admin_key: Option<String>,
     pub(crate) settings: ApiSettings,
+    /// What every send is checked against (from `settings`).
+    pub(crate) limits: crate::send::Limits,
     /// Idempotency keys with a request in progress: a second request with
     /// the same key waits for the first instead of racing it.
     pub(crate) in_flight: Mutex<HashSet<(String, String)>>,

@@ -127,6 +127,27 @@ impl RecipientState {
     pub fn is_final(self) -> bool {
         matches!(self, RecipientState::Delivered | RecipientState::Failed)
     }
+
+    /// How far along a recipient is, for a message's summary state: queued,
+    /// deferred, held, failed, delivered.
+    pub fn rank(self) -> u8 {
+        match self {
+            RecipientState::Queued => 0,
+            RecipientState::Deferred => 1,
+            RecipientState::Held => 2,
+            RecipientState::Failed => 3,
+            RecipientState::Delivered => 4,
+        }
+    }
+
+    /// A message's summary state: the least advanced of its recipients'
+    /// (see [`MessageSummary::state`]); delivered when there are none.
+    pub fn summary(states: impl IntoIterator<Item = RecipientState>) -> RecipientState {
+        states
+            .into_iter()
+            .min_by_key(|s| s.rank())
+            .unwrap_or(RecipientState::Delivered)
+    }
 }
 
 impl fmt::Display for RecipientState {

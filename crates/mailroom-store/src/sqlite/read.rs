@@ -199,16 +199,6 @@ const RANK: &str = "MIN(CASE r.state WHEN 'queued' THEN 0 WHEN 'deferred' THEN 1
                     WHEN 'held' THEN 2 WHEN 'failed' THEN 3 WHEN 'delivered' THEN 4 \
                     ELSE -1 END)";
 
-fn rank_of(state: RecipientState) -> i64 {
-    match state {
-        RecipientState::Queued => 0,
-        RecipientState::Deferred => 1,
-        RecipientState::Held => 2,
-        RecipientState::Failed => 3,
-        RecipientState::Delivered => 4,
-    }
-}
-
 pub(crate) fn list(
     conn: &Connection,
     query: &ListQuery,
@@ -241,7 +231,7 @@ pub(crate) fn list(
     sql.push_str(" GROUP BY m.id");
     if let Some(state) = query.state {
         sql.push_str(" HAVING rank = ?");
-        params.push(Value::Integer(rank_of(state)));
+        params.push(Value::Integer(i64::from(state.rank())));
     }
     sql.push_str(" ORDER BY m.id DESC LIMIT ?");
     params.push(Value::Integer(
@@ -373,7 +363,7 @@ mod tests {
     #[test]
     fn ranks_agree_with_by_rank() {
         for state in RecipientState::ALL {
-            assert_eq!(BY_RANK[rank_of(state) as usize], state);
+            assert_eq!(BY_RANK[usize::from(state.rank())], state);
         }
     }
 }
