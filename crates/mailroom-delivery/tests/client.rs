@@ -4,6 +4,7 @@
 //! extensions, splitting replies, talking garbage, going silent).
 
 mod client_support;
+mod shared;
 
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,7 @@
 //! mail tools use. Each test builds a report with `dsn::build`, hands the
 //! bytes to `python3`, and checks the structure it saw.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod shared;
 
 use mailroom_core::{Address, Notify, Ret};
 use mailroom_delivery::dsn::{self, Action, DsnRecipient, DsnRequest};
@@ -54,27 +53,7 @@ print(json.dumps({
 "#;
 
 fn parse(message: &[u8]) -> Value {
-    let mut child = Command::new("python3")
-        .args(["-c", PARSE])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 on PATH");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message)
-        .expect("write to python3");
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "python3 failed: {}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        String::from_utf8_lossy(message)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    shared::python_json(PARSE, message)
 }
 
 fn address(text: &str) -> Address {

@@ -6,6 +6,7 @@
 
 mod dns_support;
 mod engine_support;
+mod shared;
 
 use std::time::Duration;
 

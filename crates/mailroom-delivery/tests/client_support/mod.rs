@@ -3,13 +3,14 @@
 //! that play a canned conversation, and a proxy that rewrites the server's
 //! words.
 
+pub use crate::shared::{addr, after_received, timeouts};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use mailroom_core::config::{Role, SmtpUser, TlsMode, TlsPolicy};
 use mailroom_core::{Address, BodyType, Intake, IntakeError, NewMessage, Notify, Recipient};
-use mailroom_delivery::connection::{ClientOptions, OutboundEnvelope, Timeouts};
+use mailroom_delivery::connection::{ClientOptions, OutboundEnvelope};
 use mailroom_smtp::{Credentials, ServerSettings, SessionConfig, ShutdownHandle, SmtpServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -151,26 +152,6 @@ fn password_hash() -> &'static str {
     HASH.get_or_init(|| mailroom_smtp::auth::hash_password(PASSWORD).unwrap())
 }
 
-/// The content after the one `Received:` header the server put on top.
-pub fn after_received(content: &[u8]) -> &[u8] {
-    assert!(
-        content.starts_with(b"Received: "),
-        "no Received header first"
-    );
-    let mut pos = 0;
-    loop {
-        let end = content[pos..]
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map(|i| pos + i + 2)
-            .expect("header line ends");
-        pos = end;
-        if !matches!(content.get(pos), Some(b' ' | b'\t')) {
-            return &content[pos..];
-        }
-    }
-}
-
 /// The Received header itself.
 pub fn received_header(content: &[u8]) -> String {
     let rest = after_received(content).len();
@@ -180,22 +161,6 @@ pub fn received_header(content: &[u8]) -> String {
 // ---------------------------------------------------------------------------
 // Client side helpers
 // ---------------------------------------------------------------------------
-
-/// Every step with the same (short) limit.
-pub fn timeouts(limit: Duration) -> Timeouts {
-    Timeouts {
-        connect: limit,
-        greeting: limit,
-        ehlo: limit,
-        mail: limit,
-        rcpt: limit,
-        data_init: limit,
-        data_block: limit,
-        data_done: limit,
-        rset: limit,
-        quit: limit,
-    }
-}
 
 pub fn options(tls: TlsPolicy) -> ClientOptions {
     ClientOptions {
@@ -210,10 +175,6 @@ pub fn options(tls: TlsPolicy) -> ClientOptions {
 pub fn with_login(mut options: ClientOptions, password: &str) -> ClientOptions {
     options.credentials = Some((USER.into(), password.into()));
     options
-}
-
-pub fn addr(text: &str) -> Address {
-    Address::parse(text).unwrap()
 }
 
 pub fn rcpts(addresses: &[&str]) -> Vec<Recipient> {

@@ -21,10 +21,10 @@
 
 #![allow(dead_code)]
 
+use crate::shared::python_json;
+pub use crate::shared::{addr, after_received, timeouts};
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -32,10 +32,9 @@ use std::time::{Duration, Instant};
 use mailroom_core::config::{DeliveryConfig, Role, SmtpUser, TlsMode, TlsPolicy};
 use mailroom_core::time::now_unix_millis;
 use mailroom_core::{
-    Address, BodyType, Envelope, Intake, IntakeError, MessageId, NewMessage, Notify, Origin,
-    Recipient,
+    BodyType, Envelope, Intake, IntakeError, MessageId, NewMessage, Notify, Origin, Recipient,
 };
-use mailroom_delivery::connection::{ClientOptions, Timeouts};
+use mailroom_delivery::connection::ClientOptions;
 use mailroom_delivery::dns::MxResolver;
 use mailroom_delivery::engine::{Engine, entries_of};
 use mailroom_delivery::scheduler::Scheduler;
@@ -287,27 +286,6 @@ fn password_hash() -> &'static str {
     HASH.get_or_init(|| mailroom_smtp::auth::hash_password(PASSWORD).unwrap())
 }
 
-/// The content after the `Received:` header (with its folded lines) that
-/// the sink put on top.
-pub fn after_received(content: &[u8]) -> &[u8] {
-    assert!(
-        content.starts_with(b"Received: "),
-        "no Received header first"
-    );
-    let mut pos = 0;
-    loop {
-        let end = content[pos..]
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map(|i| pos + i + 2)
-            .expect("header line ends");
-        pos = end;
-        if !matches!(content.get(pos), Some(b' ' | b'\t')) {
-            return &content[pos..];
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // A scripted SMTP sink
 // ---------------------------------------------------------------------------
@@ -528,22 +506,6 @@ fn path_of(command: &str) -> String {
 // The engine
 // ---------------------------------------------------------------------------
 
-/// Every client step with the same limit.
-pub fn timeouts(limit: Duration) -> Timeouts {
-    Timeouts {
-        connect: limit,
-        greeting: limit,
-        ehlo: limit,
-        mail: limit,
-        rcpt: limit,
-        data_init: limit,
-        data_block: limit,
-        data_done: limit,
-        rset: limit,
-        quit: limit,
-    }
-}
-
 /// What an engine under test is built from.
 #[derive(Debug, Clone)]
 pub struct EngineSetup {
@@ -720,10 +682,6 @@ pub fn all_in(message: &StoredMessage, state: RecipientState) -> bool {
 // Messages
 // ---------------------------------------------------------------------------
 
-pub fn addr(text: &str) -> Address {
-    Address::parse(text).unwrap()
-}
-
 /// A message from `from` (`None`: the null reverse-path) to `to`, received
 /// now, with no NOTIFY.
 pub fn message(from: Option<&str>, to: &[&str], content: &[u8]) -> NewMessage {
@@ -814,27 +772,7 @@ print(json.dumps({
 
 /// What Python's `email` package sees in `message`.
 pub fn parse_report(message: &[u8]) -> serde_json::Value {
-    let mut child = Command::new("python3")
-        .args(["-c", PARSE_REPORT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 on PATH");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message)
-        .expect("write to python3");
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "python3 failed: {}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        String::from_utf8_lossy(message)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    python_json(PARSE_REPORT, message)
 }
 
 /// A field of a parsed block (`[[name, value], ...]`), by name.
