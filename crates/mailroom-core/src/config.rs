@@ -25,7 +25,8 @@ pub struct Config {
     /// How long open transactions may run on after SIGTERM/SIGINT.
     #[serde(with = "crate::duration")]
     pub shutdown_timeout: Duration,
-    /// Threads running SMTP sessions and HTTP requests; 0: one per CPU.
+    /// Threads running SMTP sessions and HTTP requests; 0: one per CPU but
+    /// one (left to the store's writer), at least one.
     pub worker_threads: usize,
     pub smtp: SmtpConfig,
     /// Absent: a self-signed certificate is generated in `data_dir`.

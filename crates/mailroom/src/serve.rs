@@ -23,8 +23,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     raise_open_files_limit();
     return_large_allocations();
     let workers = match config.worker_threads {
+        // The store's writer thread needs a core of its own under load.
         0 => std::thread::available_parallelism()
-            .map(|n| n.get())
+            .map(|n| n.get().saturating_sub(1).max(1))
             .unwrap_or(1),
         n => n,
     };

@@ -30,7 +30,7 @@ use crate::{
     AttemptRecord, ListQuery, MessageSummary, PendingRecipient, RecipientUpdate, Store, StoreError,
     StoredMessage,
 };
-use writer::{Change, Pending, Request};
+use writer::{Arrivals, Change, Pending, Request};
 
 /// How long a connection waits for a lock held by another connection (the
 /// CLI reading while the server writes, a checkpoint) before failing.
@@ -95,6 +95,7 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     requests: mpsc::Sender<Request>,
+    arrivals: Arc<Arrivals>,
     closing: AtomicBool,
     /// Resolves (with an error: the sender is dropped) when the writer thread
     /// has finished. `None` once a `close` has seen it.
@@ -120,12 +121,20 @@ impl SqliteStore {
         let version = schema::migrate(&mut conn)?;
         let (requests, rx) = mpsc::channel(options.queue_depth.max(1));
         let (exited_tx, exited_rx) = oneshot::channel();
-        writer::spawn(conn, rx, options.max_batch.max(1), exited_tx)?;
+        let arrivals = Arrivals::new();
+        writer::spawn(
+            conn,
+            rx,
+            arrivals.clone(),
+            options.max_batch.max(1),
+            exited_tx,
+        )?;
         tracing::info!(path = %path.display(), schema_version = version, "store opened");
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 requests,
+                arrivals,
                 closing: AtomicBool::new(false),
                 writer_exited: tokio::sync::Mutex::new(Some(exited_rx)),
                 readers: Mutex::new(Vec::new()),
@@ -215,6 +224,7 @@ impl Store for SqliteStore {
         {
             return Err(self.gone());
         }
+        self.inner.arrivals.sent();
         answer.await.unwrap_or_else(|_| Err(self.gone()))
     }
 

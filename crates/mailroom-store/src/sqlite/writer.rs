@@ -7,7 +7,9 @@
 //! arrived while the previous commit was on its way to disk, so throughput
 //! grows with concurrency instead of being capped by the disk's sync latency.
 
-use std::thread;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use mailroom_core::{MessageId, NewMessage};
@@ -24,7 +26,40 @@ const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 /// the previous one. Small next to an fsync (milliseconds on most disks), so
 /// it costs little latency and saves whole commits.
 const GATHER_WINDOW: Duration = Duration::from_micros(500);
-const GATHER_POLL: Duration = Duration::from_micros(50);
+
+/// Counts the messages handed to the writer, so that while it gathers a
+/// batch it can sleep until the one that completes the batch arrives: one
+/// wake-up per batch, where polling the channel would cost one per poll.
+#[derive(Default)]
+pub(crate) struct Arrivals {
+    /// Enqueue requests placed in the channel, ever.
+    sent: AtomicU64,
+    /// The value of `sent` at which the gathering writer wants waking;
+    /// `u64::MAX` while it is not gathering.
+    wake_at: AtomicU64,
+    writer: OnceLock<Thread>,
+}
+
+impl Arrivals {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Arrivals {
+            wake_at: AtomicU64::new(u64::MAX),
+            ..Arrivals::default()
+        })
+    }
+
+    /// Called by a producer once its enqueue request is in the channel.
+    pub(crate) fn sent(&self) {
+        // SeqCst on both sides: either the writer sees this count before it
+        // parks, or this producer sees the writer's `wake_at` and unparks it.
+        let sent = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
+        if sent == self.wake_at.load(Ordering::SeqCst)
+            && let Some(writer) = self.writer.get()
+        {
+            writer.unpark();
+        }
+    }
+}
 
 pub(crate) type Reply = oneshot::Sender<Result<(), StoreError>>;
 /// Answers a change with the number of rows it touched.
@@ -113,13 +148,15 @@ impl Pending {
 pub(crate) fn spawn(
     conn: Connection,
     rx: mpsc::Receiver<Request>,
+    arrivals: Arc<Arrivals>,
     max_batch: usize,
     exited: oneshot::Sender<()>,
 ) -> std::io::Result<()> {
     thread::Builder::new()
         .name("mailroom-store-writer".into())
         .spawn(move || {
-            run(&conn, rx, max_batch);
+            let _ = arrivals.writer.set(thread::current());
+            run(&conn, rx, &arrivals, max_batch);
             // Close the connection before signalling, so `close` returns with
             // the database file closed by this thread.
             drop(conn);
@@ -128,12 +165,13 @@ pub(crate) fn spawn(
     Ok(())
 }
 
-fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
+fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, arrivals: &Arrivals, max_batch: usize) {
     let mut batch = Batch {
         messages: Vec::with_capacity(max_batch),
         replies: Vec::with_capacity(max_batch),
         changes: Vec::new(),
         bytes: 0,
+        received: 0,
     };
     let mut last_batch = 0;
     let mut wrote = false;
@@ -149,16 +187,9 @@ fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
         // batches alternate large and small. Waiting briefly for as many
         // producers as the last batch answered keeps batches full. Under low
         // load the last batch was small and there is no wait.
-        if batch.replies.len() < last_batch.min(max_batch) {
-            let deadline = Instant::now() + GATHER_WINDOW;
-            while batch.replies.len() < last_batch.min(max_batch)
-                && batch.bytes <= MAX_BATCH_BYTES
-                && !rx.is_closed()
-                && Instant::now() < deadline
-            {
-                thread::sleep(GATHER_POLL);
-                batch.drain(&mut rx, max_batch);
-            }
+        let target = last_batch.min(max_batch);
+        if batch.replies.len() < target {
+            batch.gather(&mut rx, arrivals, target, max_batch);
         }
         last_batch = batch.replies.len();
         if batch.replies.is_empty() && batch.changes.is_empty() {
@@ -167,7 +198,9 @@ fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
         wrote = true;
         let started = Instant::now();
         let (changes, change_replies): (Vec<_>, Vec<_>) = batch.changes.drain(..).unzip();
-        let (results, change_results) = write_all(conn, batch.messages.drain(..), &changes);
+        let (results, change_results) = write_all(conn, &batch.messages, &changes);
+        // SQLite has copied the content; free it before answering.
+        batch.messages.clear();
         for (reply, result) in change_replies.into_iter().zip(change_results) {
             let _ = reply.send(result);
         }
@@ -196,6 +229,8 @@ struct Batch {
     replies: Vec<Reply>,
     changes: Vec<(Change, ChangeReply)>,
     bytes: usize,
+    /// Enqueue requests taken from the channel, ever (see [`Arrivals`]).
+    received: u64,
 }
 
 impl Batch {
@@ -209,9 +244,38 @@ impl Batch {
         }
     }
 
+    /// Sleeps until the batch holds `target` messages, it is as large as a
+    /// batch may be, or [`GATHER_WINDOW`] has passed.
+    fn gather(
+        &mut self,
+        rx: &mut mpsc::Receiver<Request>,
+        arrivals: &Arrivals,
+        target: usize,
+        max_batch: usize,
+    ) {
+        let deadline = Instant::now() + GATHER_WINDOW;
+        let wake_at = self.received + (target - self.replies.len()) as u64;
+        arrivals.wake_at.store(wake_at, Ordering::SeqCst);
+        loop {
+            self.drain(rx, max_batch);
+            if self.replies.len() >= target || self.bytes > MAX_BATCH_BYTES || rx.is_closed() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            if arrivals.sent.load(Ordering::SeqCst) < wake_at {
+                thread::park_timeout(deadline - now);
+            }
+        }
+        arrivals.wake_at.store(u64::MAX, Ordering::SeqCst);
+    }
+
     fn add(&mut self, request: Request, rx: &mut mpsc::Receiver<Request>) {
         match request {
             Request::Enqueue(pending, reply) => {
+                self.received += 1;
                 self.bytes += pending.message.content.len();
                 self.messages.push(*pending);
                 self.replies.push(reply);
@@ -229,10 +293,7 @@ impl Batch {
 /// any other error fails the whole batch, since it means the transaction or
 /// the disk is in trouble and nothing in it can be trusted to commit.
 #[cfg(test)]
-pub(crate) fn write_batch(
-    conn: &Connection,
-    messages: impl ExactSizeIterator<Item = Pending>,
-) -> Vec<Result<(), StoreError>> {
+pub(crate) fn write_batch(conn: &Connection, messages: &[Pending]) -> Vec<Result<(), StoreError>> {
     write_all(conn, messages, &[]).0
 }
 
@@ -243,47 +304,32 @@ pub(crate) type BatchResults = (Vec<Result<(), StoreError>>, Vec<Result<u64, Sto
 /// message and one per change, in order.
 pub(crate) fn write_all(
     conn: &Connection,
-    messages: impl ExactSizeIterator<Item = Pending>,
+    messages: &[Pending],
     changes: &[Change],
 ) -> BatchResults {
     let n = messages.len();
-    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
-        tracing::error!(error = %e, messages = n, "store: cannot begin a write transaction");
-        let e = StoreError::from(e);
-        return (vec![Err(e.clone()); n], vec![Err(e); changes.len()]);
+    let mut inserted = begin(conn).and_then(|()| insert_all(conn, messages));
+    if let Err(Failure::Message(_)) = inserted {
+        // A message broke a constraint half way through its rows. Rare (a
+        // duplicate id), so only then is the batch written again with a
+        // savepoint around each message, which costs a copy of every page
+        // a message touches.
+        rollback(conn);
+        inserted = begin(conn).and_then(|()| insert_each(conn, messages));
     }
-    let mut results = Vec::with_capacity(n);
-    let mut batch_error = None;
-    for pending in messages {
-        if batch_error.is_some() {
-            results.push(Ok(()));
-            continue;
-        }
-        match insert_one(conn, &pending) {
-            Ok(()) => results.push(Ok(())),
-            Err(Failure::Message(e)) => {
-                tracing::warn!(message_id = %pending.message_id(), error = %e, "store: message not stored");
-                results.push(Err(e));
-            }
-            Err(Failure::Batch(e)) => {
-                results.push(Ok(()));
-                batch_error = Some(e);
-            }
-        }
-        // `pending` (and its content) is dropped here: SQLite has copied it.
-    }
+    let (mut results, mut batch_error) = match inserted {
+        Ok(results) => (results, None),
+        Err(Failure::Batch(e)) => (Vec::new(), Some(e)),
+        Err(Failure::Message(_)) => unreachable!("insert_each fails messages alone"),
+    };
     let mut change_results = Vec::with_capacity(changes.len());
     for change in changes {
         if batch_error.is_some() {
-            change_results.push(Ok(0));
-            continue;
+            break;
         }
         match apply_change(conn, change) {
             Ok(result) => change_results.push(result),
-            Err(e) => {
-                change_results.push(Ok(0));
-                batch_error = Some(e);
-            }
+            Err(e) => batch_error = Some(e),
         }
     }
     let batch_error = match batch_error {
@@ -294,16 +340,54 @@ pub(crate) fn write_all(
         tracing::error!(error = %e, messages = n, "store: batch not committed");
         rollback(conn);
         let e = StoreError::from(e);
-        for result in &mut results {
-            if result.is_ok() {
-                *result = Err(e.clone());
-            }
-        }
-        for result in &mut change_results {
-            *result = Err(e.clone());
-        }
+        results = vec![Err(e.clone()); n];
+        change_results = vec![Err(e); changes.len()];
     }
     (results, change_results)
+}
+
+fn begin(conn: &Connection) -> Result<(), Failure> {
+    exec(conn, "BEGIN IMMEDIATE").map_err(Failure::Batch)
+}
+
+/// The common case: every message goes in with no savepoint. A message whose
+/// idempotency key is taken writes nothing and fails alone; any constraint
+/// broken after a first row is written ends the attempt with
+/// `Failure::Message`, and the caller starts over with [`insert_each`].
+fn insert_all(
+    conn: &Connection,
+    messages: &[Pending],
+) -> Result<Vec<Result<(), StoreError>>, Failure> {
+    let mut results = Vec::with_capacity(messages.len());
+    for pending in messages {
+        if !claim_idempotency_key(conn, pending).map_err(Failure::Batch)? {
+            results.push(Err(StoreError::IdempotencyKeyTaken));
+            continue;
+        }
+        insert_rows(conn, pending).map_err(|e| constraint_failure(e, pending))?;
+        results.push(Ok(()));
+    }
+    Ok(results)
+}
+
+/// Each message in its own savepoint, so one that breaks a constraint
+/// leaves no trace and the rest of the batch still commits.
+fn insert_each(
+    conn: &Connection,
+    messages: &[Pending],
+) -> Result<Vec<Result<(), StoreError>>, Failure> {
+    let mut results = Vec::with_capacity(messages.len());
+    for pending in messages {
+        match insert_one(conn, pending) {
+            Ok(()) => results.push(Ok(())),
+            Err(Failure::Message(e)) => {
+                tracing::warn!(message_id = %pending.message_id(), error = %e, "store: message not stored");
+                results.push(Err(e));
+            }
+            Err(batch) => return Err(batch),
+        }
+    }
+    Ok(results)
 }
 
 /// Outer `Err`: the batch cannot go on; inner `Err`: this change failed alone.
@@ -409,23 +493,32 @@ fn insert_one(conn: &Connection, pending: &Pending) -> Result<(), Failure> {
         }
         Err(e) => return Err(Failure::Batch(e)),
     }
-    match insert_rows(conn, pending) {
+    match insert_rows(conn, pending).map_err(|e| constraint_failure(e, pending)) {
         Ok(()) => exec(conn, "RELEASE message").map_err(Failure::Batch),
-        Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+        Err(Failure::Message(e)) => {
             exec(conn, "ROLLBACK TO message")
                 .and_then(|()| exec(conn, "RELEASE message"))
                 .map_err(Failure::Batch)?;
-            let primary_key = e
-                .sqlite_error()
-                .is_some_and(|f| f.extended_code == ffi::SQLITE_CONSTRAINT_PRIMARYKEY);
-            Err(Failure::Message(if primary_key {
-                StoreError::DuplicateId(pending.message_id())
-            } else {
-                e.into()
-            }))
+            Err(Failure::Message(e))
         }
-        Err(e) => Err(Failure::Batch(e)),
+        Err(batch) => Err(batch),
     }
+}
+
+/// A broken constraint fails the message (a taken primary key is a
+/// duplicate id); any other error fails the batch.
+fn constraint_failure(e: rusqlite::Error, pending: &Pending) -> Failure {
+    if e.sqlite_error_code() != Some(ErrorCode::ConstraintViolation) {
+        return Failure::Batch(e);
+    }
+    let primary_key = e
+        .sqlite_error()
+        .is_some_and(|f| f.extended_code == ffi::SQLITE_CONSTRAINT_PRIMARYKEY);
+    Failure::Message(if primary_key {
+        StoreError::DuplicateId(pending.message_id())
+    } else {
+        e.into()
+    })
 }
 
 /// Records the message's idempotency key, if it has one; false when the key
@@ -597,7 +690,7 @@ mod tests {
         let mut conn = Connection::open(dir.path().join("db")).unwrap();
         super::super::schema::migrate(&mut conn).unwrap();
         let stored = message();
-        let results = write_batch(&conn, [Pending::new(stored.clone()).unwrap()].into_iter());
+        let results = write_batch(&conn, &[Pending::new(stored.clone()).unwrap()]);
         assert!(matches!(results[..], [Ok(())]));
 
         let mut duplicate = stored.clone();
@@ -609,7 +702,7 @@ mod tests {
             .into_iter()
             .map(|m| Pending::new(m).unwrap())
             .collect::<Vec<_>>();
-        let results = write_batch(&conn, batch.into_iter());
+        let results = write_batch(&conn, &batch);
         assert!(matches!(
             results[..],
             [Ok(()), Err(StoreError::DuplicateId(id)), Ok(())] if id == stored.id
@@ -617,6 +710,74 @@ mod tests {
         assert_eq!(count(&conn, "messages"), 3);
         // The duplicate's extra recipient was not added to the stored message.
         assert_eq!(count(&conn, "recipients"), 3);
+        assert!(conn.is_autocommit());
+    }
+
+    fn keyed(key: &str) -> NewMessage {
+        let mut m = message();
+        m.meta.idempotency = Some(mailroom_core::IdempotencyRecord {
+            scope: "admin".into(),
+            key: key.into(),
+            request_hash: "h".into(),
+            status: 202,
+            response: "{}".into(),
+        });
+        m
+    }
+
+    #[test]
+    fn a_taken_idempotency_key_fails_alone_without_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let batch = [keyed("k1"), keyed("k1"), message()]
+            .into_iter()
+            .map(|m| Pending::new(m).unwrap())
+            .collect::<Vec<_>>();
+        let results = write_batch(&conn, &batch);
+        assert!(matches!(
+            results[..],
+            [Ok(()), Err(StoreError::IdempotencyKeyTaken), Ok(())]
+        ));
+        assert_eq!(count(&conn, "messages"), 2);
+        assert_eq!(count(&conn, "idempotency_keys"), 1);
+    }
+
+    #[test]
+    fn a_duplicate_after_a_claimed_key_leaves_the_rest_of_the_batch_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let stored = message();
+        write_batch(&conn, &[Pending::new(stored.clone()).unwrap()]);
+
+        // The duplicate claims a key before its row fails: the retry with
+        // savepoints must not keep that key, and must keep everything else.
+        let mut duplicate = keyed("dup");
+        duplicate.id = stored.id;
+        let batch = [keyed("k1"), keyed("k1"), duplicate, keyed("k2")]
+            .into_iter()
+            .map(|m| Pending::new(m).unwrap())
+            .collect::<Vec<_>>();
+        let results = write_batch(&conn, &batch);
+        assert!(matches!(
+            results[..],
+            [
+                Ok(()),
+                Err(StoreError::IdempotencyKeyTaken),
+                Err(StoreError::DuplicateId(id)),
+                Ok(())
+            ] if id == stored.id
+        ));
+        assert_eq!(count(&conn, "messages"), 3);
+        let keys: Vec<String> = conn
+            .prepare("SELECT key FROM idempotency_keys ORDER BY key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(keys, ["k1", "k2"]);
         assert!(conn.is_autocommit());
     }
 
@@ -631,7 +792,7 @@ mod tests {
             .into_iter()
             .map(|m| Pending::new(m).unwrap())
             .collect::<Vec<_>>();
-        let results = write_batch(&conn, batch.into_iter());
+        let results = write_batch(&conn, &batch);
         assert_eq!(results.len(), 2);
         assert!(
             results
