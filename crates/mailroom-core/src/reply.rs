@@ -65,13 +65,35 @@ impl Reply {
             let sep = if lines.peek().is_some() { b'-' } else { b' ' };
             out.extend_from_slice(itoa3(self.code).as_slice());
             out.push(sep);
+            // By hand rather than with `format!`: a session writes several
+            // replies per message, an EHLO reply ten lines.
             if let Some(Enhanced(c, s, d)) = self.enhanced {
-                out.extend_from_slice(format!("{c}.{s}.{d} ").as_bytes());
+                push_decimal(out, c.into());
+                out.push(b'.');
+                push_decimal(out, s);
+                out.push(b'.');
+                push_decimal(out, d);
+                out.push(b' ');
             }
             out.extend_from_slice(line.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
     }
+}
+
+fn push_decimal(out: &mut Vec<u8>, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut start = digits.len();
+    let mut n = n;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 fn itoa3(code: u16) -> [u8; 3] {
@@ -162,5 +184,15 @@ mod tests {
         let mut out = Vec::new();
         Reply::plain(250, "mx.test\nPIPELINING\nSIZE 10").write_to(&mut out);
         assert_eq!(out, b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+    }
+
+    #[test]
+    fn enhanced_codes_of_several_digits() {
+        let mut out = Vec::new();
+        Reply::new(554, Enhanced(5, 123, 40), "a\nb").write_to(&mut out);
+        assert_eq!(out, b"554-5.123.40 a\r\n554 5.123.40 b\r\n");
+        out.clear();
+        Reply::new(250, Enhanced(2, 0, 0), "").write_to(&mut out);
+        assert_eq!(out, b"250 2.0.0 \r\n");
     }
 }

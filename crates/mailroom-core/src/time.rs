@@ -4,6 +4,14 @@
 
 /// `Tue, 1 Jul 2003 10:52:37 +0000` (RFC 5322 §3.3), in UTC.
 pub fn rfc5322_date(unix: i64) -> String {
+    let mut out = String::with_capacity(32);
+    push_rfc5322_date(&mut out, unix);
+    out
+}
+
+/// Appends [`rfc5322_date`] to `out`. Digit by digit rather than through
+/// `format!`: every message received gets a date in its trace header.
+pub fn push_rfc5322_date(out: &mut String, unix: i64) {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -11,16 +19,37 @@ pub fn rfc5322_date(unix: i64) -> String {
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
-        DAYS[days.rem_euclid(7) as usize],
-        d,
-        MONTHS[(m - 1) as usize],
-        y,
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    out.push_str(DAYS[days.rem_euclid(7) as usize]);
+    out.push_str(", ");
+    push_number(out, d.into(), 1);
+    out.push(' ');
+    out.push_str(MONTHS[(m - 1) as usize]);
+    out.push(' ');
+    push_number(out, y, 4);
+    out.push(' ');
+    push_number(out, secs / 3600, 2);
+    out.push(':');
+    push_number(out, secs / 60 % 60, 2);
+    out.push(':');
+    push_number(out, secs % 60, 2);
+    out.push_str(" +0000");
+}
+
+/// `n` in decimal, zero-padded to `width` digits.
+fn push_number(out: &mut String, n: i64, width: usize) {
+    if n < 0 {
+        out.push('-');
+    }
+    let mut n = n.unsigned_abs();
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    while n > 0 || digits.len() - start < width.max(1) {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
 }
 
 /// `2003-07-01 10:52:37` in UTC: sortable and fixed-width for tables.

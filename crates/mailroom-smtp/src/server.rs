@@ -16,6 +16,7 @@ use mailroom_core::{Intake, SessionFacts};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -196,7 +197,9 @@ fn accept<I: Intake>(
         async move {
             let _guard = guard;
             let _alive = alive;
-            if let Err(err) = connection(&shared, stream, peer, config).await {
+            // Boxed: the session's state is several KiB, and an unboxed task
+            // would have it copied whole as it is spawned and finished.
+            if let Err(err) = Box::pin(connection(&shared, stream, peer, config)).await {
                 debug!(error = %err, "session ended with an I/O error");
             }
         }
@@ -258,6 +261,13 @@ async fn drive<I: Intake>(
 ) -> io::Result<()> {
     let mut phase = shared.phase.clone();
     let mut input: Vec<u8> = Vec::new();
+    // One timer for the whole session, moved only when it fires early:
+    // arming a fresh timeout for every read cost more than parsing the
+    // command. `due` is when the current wait for the client times out.
+    let mut due: Option<Instant> = None;
+    let mut armed = Instant::now() + shared.settings.command_timeout;
+    let idle = tokio::time::sleep_until(armed);
+    tokio::pin!(idle);
     loop {
         let mut pos = 0;
         while pos < input.len() && !session.is_closed() {
@@ -342,18 +352,28 @@ async fn drive<I: Intake>(
         if input.capacity() - input.len() < want / 2 {
             input.reserve(want);
         }
+        let wait_until = *due.get_or_insert_with(|| Instant::now() + limit);
+        if wait_until < armed {
+            idle.as_mut().reset(wait_until);
+            armed = wait_until;
+        }
         tokio::select! {
-            read = tokio::time::timeout(limit, conn.read_buf(&mut input)) => match read {
-                Err(_) => {
-                    debug!("timeout");
-                    session.timeout();
-                }
-                Ok(Ok(0)) => {
+            read = conn.read_buf(&mut input) => match read {
+                Ok(0) => {
                     debug!("client closed the connection");
                     return Ok(());
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => return Err(err),
+                Ok(_) => due = None,
+                Err(err) => return Err(err),
+            },
+            () = &mut idle => {
+                if Instant::now() >= wait_until {
+                    debug!("timeout");
+                    session.timeout();
+                } else {
+                    idle.as_mut().reset(wait_until);
+                    armed = wait_until;
+                }
             },
             changed = phase.changed() => {
                 if changed.is_err() {
@@ -372,9 +392,16 @@ async fn write_output(conn: &mut Conn, session: &mut Session, limit: Duration) -
         conn.write_all(session.output()).await?;
         conn.flush().await
     };
-    tokio::time::timeout(limit, write)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "write timed out"))??;
+    tokio::pin!(write);
+    // Replies nearly always fit the socket buffer at once; a timer is armed
+    // only for a client that is not reading.
+    let done = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    match done {
+        Poll::Ready(result) => result?,
+        Poll::Pending => tokio::time::timeout(limit, write)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "write timed out"))??,
+    }
     session.clear_output();
     Ok(())
 }
