@@ -373,6 +373,7 @@ pub(crate) fn init_logging(config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("log.level {:?} is not a valid filter", config.log.level))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_timer(LogTime)
         .with_writer(std::io::stderr);
     let result = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -382,6 +383,43 @@ pub(crate) fn init_logging(config: &Config) -> anyhow::Result<()> {
         LogFormat::Pretty => builder.try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))
+}
+
+/// RFC 3339 UTC timestamps with microseconds, as tracing-subscriber writes
+/// them, but with the date and time of day formatted once a second (per
+/// thread) instead of for every line: a busy server logs a line per message.
+struct LogTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for LogTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        use std::cell::RefCell;
+        thread_local! {
+            static SECOND: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = now.as_secs();
+        let mut fraction = *b".000000Z";
+        let mut micros = now.subsec_micros();
+        for digit in fraction[1..7].iter_mut().rev() {
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        SECOND.with(|second| {
+            let mut second = second.borrow_mut();
+            if second.0 != secs || second.1.is_empty() {
+                let secs_i64 = i64::try_from(secs).unwrap_or(i64::MAX);
+                *second = (
+                    secs,
+                    mailroom_core::time::iso_datetime(secs_i64).replacen(' ', "T", 1),
+                );
+            }
+            w.write_str(&second.1)
+        })?;
+        // Only ASCII digits and punctuation were written.
+        w.write_str(std::str::from_utf8(&fraction).unwrap_or(".000000Z"))
+    }
 }
 
 /// glibc raises its mmap threshold each time a large block is freed, after

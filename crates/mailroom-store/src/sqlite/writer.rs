@@ -13,7 +13,7 @@ use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use mailroom_core::{MessageId, NewMessage};
-use rusqlite::{Connection, ErrorCode, ffi, params};
+use rusqlite::{Connection, ErrorCode, Statement, ffi, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{RecipientUpdate, StoreError};
@@ -175,6 +175,7 @@ fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, arrivals: &Arrivals, 
     };
     let mut last_batch = 0;
     let mut wrote = false;
+    let mut inserts = Inserts::default();
     // `None` once every sender is gone, or after `Shutdown` closed the channel
     // and everything already in it was taken.
     while let Some(first) = rx.blocking_recv() {
@@ -198,7 +199,7 @@ fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, arrivals: &Arrivals, 
         wrote = true;
         let started = Instant::now();
         let (changes, change_replies): (Vec<_>, Vec<_>) = batch.changes.drain(..).unzip();
-        let (results, change_results) = write_all(conn, &batch.messages, &changes);
+        let (results, change_results) = write_all(conn, &mut inserts, &batch.messages, &changes);
         // SQLite has copied the content; free it before answering.
         batch.messages.clear();
         for (reply, result) in change_replies.into_iter().zip(change_results) {
@@ -215,6 +216,7 @@ fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, arrivals: &Arrivals, 
             let _ = reply.send(result);
         }
     }
+    drop(inserts);
     // A store opened only to read (the CLI next to a running server) leaves
     // the WAL alone: a TRUNCATE checkpoint takes the write lock and would
     // stall the server's commits while it copies pages.
@@ -294,7 +296,7 @@ impl Batch {
 /// the disk is in trouble and nothing in it can be trusted to commit.
 #[cfg(test)]
 pub(crate) fn write_batch(conn: &Connection, messages: &[Pending]) -> Vec<Result<(), StoreError>> {
-    write_all(conn, messages, &[]).0
+    write_all(conn, &mut Inserts::default(), messages, &[]).0
 }
 
 /// One result per message written, one per change applied.
@@ -302,20 +304,21 @@ pub(crate) type BatchResults = (Vec<Result<(), StoreError>>, Vec<Result<u64, Sto
 
 /// Writes new messages and changes in one transaction: one result per
 /// message and one per change, in order.
-pub(crate) fn write_all(
-    conn: &Connection,
+pub(crate) fn write_all<'c>(
+    conn: &'c Connection,
+    inserts: &mut Inserts<'c>,
     messages: &[Pending],
     changes: &[Change],
 ) -> BatchResults {
     let n = messages.len();
-    let mut inserted = begin(conn).and_then(|()| insert_all(conn, messages));
+    let mut inserted = begin(conn).and_then(|()| insert_all(conn, inserts, messages));
     if let Err(Failure::Message(_)) = inserted {
         // A message broke a constraint half way through its rows. Rare (a
         // duplicate id), so only then is the batch written again with a
         // savepoint around each message, which costs a copy of every page
         // a message touches.
         rollback(conn);
-        inserted = begin(conn).and_then(|()| insert_each(conn, messages));
+        inserted = begin(conn).and_then(|()| insert_each(conn, inserts, messages));
     }
     let (mut results, mut batch_error) = match inserted {
         Ok(results) => (results, None),
@@ -354,8 +357,9 @@ fn begin(conn: &Connection) -> Result<(), Failure> {
 /// idempotency key is taken writes nothing and fails alone; any constraint
 /// broken after a first row is written ends the attempt with
 /// `Failure::Message`, and the caller starts over with [`insert_each`].
-fn insert_all(
-    conn: &Connection,
+fn insert_all<'c>(
+    conn: &'c Connection,
+    inserts: &mut Inserts<'c>,
     messages: &[Pending],
 ) -> Result<Vec<Result<(), StoreError>>, Failure> {
     let mut results = Vec::with_capacity(messages.len());
@@ -364,7 +368,7 @@ fn insert_all(
             results.push(Err(StoreError::IdempotencyKeyTaken));
             continue;
         }
-        insert_rows(conn, pending).map_err(|e| constraint_failure(e, pending))?;
+        insert_rows(conn, inserts, pending).map_err(|e| constraint_failure(e, pending))?;
         results.push(Ok(()));
     }
     Ok(results)
@@ -372,13 +376,14 @@ fn insert_all(
 
 /// Each message in its own savepoint, so one that breaks a constraint
 /// leaves no trace and the rest of the batch still commits.
-fn insert_each(
-    conn: &Connection,
+fn insert_each<'c>(
+    conn: &'c Connection,
+    inserts: &mut Inserts<'c>,
     messages: &[Pending],
 ) -> Result<Vec<Result<(), StoreError>>, Failure> {
     let mut results = Vec::with_capacity(messages.len());
     for pending in messages {
-        match insert_one(conn, pending) {
+        match insert_one(conn, inserts, pending) {
             Ok(()) => results.push(Ok(())),
             Err(Failure::Message(e)) => {
                 tracing::warn!(message_id = %pending.message_id(), error = %e, "store: message not stored");
@@ -481,7 +486,11 @@ enum Failure {
 
 /// Inserts one message inside a savepoint, so a failure half way through its
 /// recipients leaves no trace of it and the rest of the batch still commits.
-fn insert_one(conn: &Connection, pending: &Pending) -> Result<(), Failure> {
+fn insert_one<'c>(
+    conn: &'c Connection,
+    inserts: &mut Inserts<'c>,
+    pending: &Pending,
+) -> Result<(), Failure> {
     exec(conn, "SAVEPOINT message").map_err(Failure::Batch)?;
     match claim_idempotency_key(conn, pending) {
         Ok(true) => {}
@@ -493,7 +502,7 @@ fn insert_one(conn: &Connection, pending: &Pending) -> Result<(), Failure> {
         }
         Err(e) => return Err(Failure::Batch(e)),
     }
-    match insert_rows(conn, pending).map_err(|e| constraint_failure(e, pending)) {
+    match insert_rows(conn, inserts, pending).map_err(|e| constraint_failure(e, pending)) {
         Ok(()) => exec(conn, "RELEASE message").map_err(Failure::Batch),
         Err(Failure::Message(e)) => {
             exec(conn, "ROLLBACK TO message")
@@ -545,15 +554,52 @@ fn claim_idempotency_key(conn: &Connection, pending: &Pending) -> rusqlite::Resu
     Ok(inserted == 1)
 }
 
-fn insert_rows(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
+/// The two statements every message runs, prepared on first use and kept
+/// for the writer's life: looking them up in rusqlite's statement cache
+/// (hashing the SQL, resetting on return) cost more than binding them.
+#[derive(Default)]
+pub(crate) struct Inserts<'c> {
+    message: Option<Statement<'c>>,
+    recipient: Option<Statement<'c>>,
+}
+
+impl<'c> Inserts<'c> {
+    fn message(&mut self, conn: &'c Connection) -> rusqlite::Result<&mut Statement<'c>> {
+        prepared(&mut self.message, conn, INSERT_MESSAGE)
+    }
+
+    fn recipient(&mut self, conn: &'c Connection) -> rusqlite::Result<&mut Statement<'c>> {
+        prepared(&mut self.recipient, conn, INSERT_RECIPIENT)
+    }
+}
+
+fn prepared<'s, 'c>(
+    slot: &'s mut Option<Statement<'c>>,
+    conn: &'c Connection,
+    sql: &str,
+) -> rusqlite::Result<&'s mut Statement<'c>> {
+    if slot.is_none() {
+        *slot = Some(conn.prepare(sql)?);
+    }
+    // Just filled if it was empty.
+    slot.as_mut().ok_or(rusqlite::Error::InvalidQuery)
+}
+
+const INSERT_MESSAGE: &str = "INSERT INTO messages (id, received_at, reverse_path, env_id, ret, \
+     body_type, smtputf8, priority, origin, size, content, account_id, tags, metadata) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+
+const INSERT_RECIPIENT: &str = "INSERT INTO recipients (message_id, idx, address, orcpt, notify, \
+     next_attempt_at, state, last_reply, route) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+fn insert_rows<'c>(
+    conn: &'c Connection,
+    inserts: &mut Inserts<'c>,
+    pending: &Pending,
+) -> rusqlite::Result<()> {
     let m = &pending.message;
     let env = &m.envelope;
-    conn.prepare_cached(
-        "INSERT INTO messages (id, received_at, reverse_path, env_id, ret, body_type, \
-         smtputf8, priority, origin, size, content, account_id, tags, metadata) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?
-    .execute(params![
+    inserts.message(conn)?.execute(params![
         pending.id,
         m.received_at,
         env.reverse_path.as_ref().map(|a| a.as_str()),
@@ -569,12 +615,6 @@ fn insert_rows(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
         pending.tags,
         pending.metadata,
     ])?;
-    insert_recipients(conn, pending)
-}
-
-fn insert_recipients(conn: &Connection, pending: &Pending) -> rusqlite::Result<()> {
-    let m = &pending.message;
-    let env = &m.envelope;
     // New recipients are due at once (next_attempt_at = received_at) unless
     // the sender asked for later. Those kept in the local store are
     // delivered by being stored.
@@ -583,10 +623,7 @@ fn insert_recipients(conn: &Connection, pending: &Pending) -> rusqlite::Result<(
         .not_before
         .unwrap_or(m.received_at)
         .max(m.received_at);
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO recipients (message_id, idx, address, orcpt, notify, next_attempt_at, \
-         state, last_reply, route) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
+    let insert = inserts.recipient(conn)?;
     for (idx, r) in env.recipients.iter().enumerate() {
         let kept = m.kept_locally.contains(&(idx as u32));
         insert.execute(params![
