@@ -123,6 +123,46 @@ async fn null_reverse_path_round_trips_as_none() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_folded_back_and_starts_over_while_commits_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    let store = SqliteStore::open(
+        &path,
+        SqliteOptions {
+            checkpoint_frames: 64,
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    // 8 producers without pause: the checkpoint thread must copy while the
+    // writer keeps committing, and the WAL must still start over.
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..150 {
+                let mut m = message(&["a@example.test"]);
+                m.content = format!("task {t} message {i}\r\n{}", "x".repeat(8000)).into_bytes();
+                store.enqueue(m).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // 1,200 messages of 8 KB: about 10 MB of WAL frames had it never
+    // started over.
+    let wal = std::fs::metadata(dir.path().join("mailroom.db-wal"))
+        .unwrap()
+        .len();
+    assert!(wal < 4 * 1024 * 1024, "the WAL grew to {wal} bytes");
+    assert_eq!(store.count().unwrap(), 1200);
+    store.close().await;
+    drop(store);
+    assert_eq!(open(&path).count().unwrap(), 1200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_enqueues_all_survive_close_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = db(&dir);
@@ -132,6 +172,7 @@ async fn concurrent_enqueues_all_survive_close_and_reopen() {
         SqliteOptions {
             max_batch: 16,
             queue_depth: 8,
+            ..SqliteOptions::default()
         },
     )
     .unwrap();

@@ -8,6 +8,7 @@
 //! This backend assumes it is the only writer of its file. Several nodes
 //! sharing one queue is the postgres backend's job.
 
+mod checkpoint;
 mod directory;
 mod read;
 mod schema;
@@ -47,11 +48,6 @@ const READER_CACHE_KIB: i64 = 2048;
 /// closed after use.
 const MAX_IDLE_READERS: usize = 4;
 
-/// Let the WAL grow to this many pages (4 KiB each) before the writer folds it
-/// back into the database. Larger than SQLite's 1000 so hot pages written by
-/// many commits are copied back once per checkpoint, not once per few commits.
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 4000;
-
 /// After a checkpoint, truncate the WAL file back to this size, so one burst
 /// does not leave a large file behind.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
@@ -64,6 +60,11 @@ pub struct SqliteOptions {
     /// Enqueue requests waiting for the writer before `enqueue` waits too:
     /// backpressure instead of an unbounded buffer.
     pub queue_depth: usize,
+    /// WAL size, in 4 KiB pages, at which it is folded back into the
+    /// database. Larger than SQLite's 1000, so hot pages written by many
+    /// commits are copied back once per checkpoint, not once per few
+    /// commits.
+    pub checkpoint_frames: u32,
 }
 
 impl Default for SqliteOptions {
@@ -71,6 +72,7 @@ impl Default for SqliteOptions {
         SqliteOptions {
             max_batch: 512,
             queue_depth: 4096,
+            checkpoint_frames: checkpoint::CHECKPOINT_FRAMES,
         }
     }
 }
@@ -117,16 +119,22 @@ impl SqliteStore {
     /// build's schema and starts the writer thread. The directory must exist.
     pub fn open(path: &Path, options: SqliteOptions) -> Result<Self, StoreError> {
         let mut conn = Connection::open(path)?;
-        configure_writer(&conn)?;
+        configure_writer(&conn, &options)?;
         let version = schema::migrate(&mut conn)?;
         let (requests, rx) = mpsc::channel(options.queue_depth.max(1));
         let (exited_tx, exited_rx) = oneshot::channel();
         let arrivals = Arrivals::new();
+        let checkpoint_conn = Connection::open(path)?;
+        checkpoint_conn.busy_timeout(BUSY_TIMEOUT)?;
+        // A checkpoint fsyncs the WAL before copying and the database after.
+        checkpoint_conn.pragma_update(None, "synchronous", "FULL")?;
         writer::spawn(
             conn,
+            checkpoint_conn,
             rx,
             arrivals.clone(),
             options.max_batch.max(1),
+            options.checkpoint_frames,
             exited_tx,
         )?;
         tracing::info!(path = %path.display(), schema_version = version, "store opened");
@@ -307,7 +315,7 @@ impl Intake for SqliteStore {
     }
 }
 
-fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+fn configure_writer(conn: &Connection, options: &SqliteOptions) -> Result<(), StoreError> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String =
         conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))?;
@@ -326,7 +334,12 @@ fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     // Savepoint journals (one per message in a batch) stay in memory.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+    // Until the checkpoint thread takes over (see `checkpoint`).
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        i64::from(options.checkpoint_frames),
+    )?;
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use mailroom_core::{MessageId, NewMessage};
 use rusqlite::{Connection, ErrorCode, Statement, ffi, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::checkpoint::Checkpointer;
 use crate::{RecipientUpdate, StoreError};
 
 /// Stop draining the channel once a batch holds this much content, so a
@@ -147,16 +148,27 @@ impl Pending {
 /// the final checkpoint), which is what `close` waits for.
 pub(crate) fn spawn(
     conn: Connection,
+    checkpoint_conn: Connection,
     rx: mpsc::Receiver<Request>,
     arrivals: Arc<Arrivals>,
     max_batch: usize,
+    checkpoint_frames: u32,
     exited: oneshot::Sender<()>,
 ) -> std::io::Result<()> {
     thread::Builder::new()
         .name("mailroom-store-writer".into())
         .spawn(move || {
             let _ = arrivals.writer.set(thread::current());
-            run(&conn, rx, &arrivals, max_batch);
+            let checkpointer = match Checkpointer::start(&conn, checkpoint_conn, checkpoint_frames)
+            {
+                Ok(checkpointer) => Some(checkpointer),
+                Err(e) => {
+                    // SQLite's own checkpoint in the commit stays in place.
+                    tracing::warn!(error = %e, "store: no checkpoint thread");
+                    None
+                }
+            };
+            run(&conn, rx, &arrivals, checkpointer, max_batch);
             // Close the connection before signalling, so `close` returns with
             // the database file closed by this thread.
             drop(conn);
@@ -165,7 +177,13 @@ pub(crate) fn spawn(
     Ok(())
 }
 
-fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, arrivals: &Arrivals, max_batch: usize) {
+fn run(
+    conn: &Connection,
+    mut rx: mpsc::Receiver<Request>,
+    arrivals: &Arrivals,
+    mut checkpointer: Option<Checkpointer>,
+    max_batch: usize,
+) {
     let mut batch = Batch {
         messages: Vec::with_capacity(max_batch),
         replies: Vec::with_capacity(max_batch),
@@ -215,8 +233,15 @@ fn run(conn: &Connection, mut rx: mpsc::Receiver<Request>, arrivals: &Arrivals, 
             // regardless, which is the safe side to err on.
             let _ = reply.send(result);
         }
+        if let Some(checkpointer) = &checkpointer {
+            checkpointer.after_commit(conn);
+        }
     }
     drop(inserts);
+    // Before the final checkpoint, which a pass under way would block.
+    if let Some(checkpointer) = &mut checkpointer {
+        checkpointer.stop();
+    }
     // A store opened only to read (the CLI next to a running server) leaves
     // the WAL alone: a TRUNCATE checkpoint takes the write lock and would
     // stall the server's commits while it copies pages.
