@@ -336,19 +336,21 @@ pub(crate) fn write_all<'c>(
     changes: &[Change],
 ) -> BatchResults {
     let n = messages.len();
-    let mut inserted = begin(conn).and_then(|()| insert_all(conn, inserts, messages));
-    if let Err(Failure::Message(_)) = inserted {
-        // A message broke a constraint half way through its rows. Rare (a
-        // duplicate id), so only then is the batch written again with a
-        // savepoint around each message, which costs a copy of every page
-        // a message touches.
-        rollback(conn);
-        inserted = begin(conn).and_then(|()| insert_each(conn, inserts, messages));
-    }
+    let inserted = match begin(conn).and_then(|()| insert_all(conn, inserts, messages)) {
+        Ok(results) => Ok(results),
+        Err(Failure::Batch(e)) => Err(e),
+        Err(Failure::Message(_)) => {
+            // A message broke a constraint half way through its rows. Rare
+            // (a duplicate id), so only then is the batch written again with
+            // a savepoint around each message, which costs a copy of every
+            // page a message touches.
+            rollback(conn);
+            exec(conn, "BEGIN IMMEDIATE").and_then(|()| insert_each(conn, inserts, messages))
+        }
+    };
     let (mut results, mut batch_error) = match inserted {
         Ok(results) => (results, None),
-        Err(Failure::Batch(e)) => (Vec::new(), Some(e)),
-        Err(Failure::Message(_)) => unreachable!("insert_each fails messages alone"),
+        Err(e) => (Vec::new(), Some(e)),
     };
     let mut change_results = Vec::with_capacity(changes.len());
     for change in changes {
@@ -405,7 +407,7 @@ fn insert_each<'c>(
     conn: &'c Connection,
     inserts: &mut Inserts<'c>,
     messages: &[Pending],
-) -> Result<Vec<Result<(), StoreError>>, Failure> {
+) -> rusqlite::Result<Vec<Result<(), StoreError>>> {
     let mut results = Vec::with_capacity(messages.len());
     for pending in messages {
         match insert_one(conn, inserts, pending) {
@@ -414,7 +416,7 @@ fn insert_each<'c>(
                 tracing::warn!(message_id = %pending.message_id(), error = %e, "store: message not stored");
                 results.push(Err(e));
             }
-            Err(batch) => return Err(batch),
+            Err(Failure::Batch(e)) => return Err(e),
         }
     }
     Ok(results)
@@ -603,11 +605,10 @@ fn prepared<'s, 'c>(
     conn: &'c Connection,
     sql: &str,
 ) -> rusqlite::Result<&'s mut Statement<'c>> {
-    if slot.is_none() {
-        *slot = Some(conn.prepare(sql)?);
+    match slot {
+        Some(statement) => Ok(statement),
+        empty @ None => Ok(empty.insert(conn.prepare(sql)?)),
     }
-    // Just filled if it was empty.
-    slot.as_mut().ok_or(rusqlite::Error::InvalidQuery)
 }
 
 const INSERT_MESSAGE: &str = "INSERT INTO messages (id, received_at, reverse_path, env_id, ret, \
