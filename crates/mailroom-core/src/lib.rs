@@ -7,6 +7,7 @@
 
 pub mod address;
 pub mod config;
+pub mod decimal;
 pub mod duration;
 pub mod envelope;
 pub mod event;

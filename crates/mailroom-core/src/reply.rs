@@ -6,6 +6,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use crate::decimal::Decimal;
+
 /// An enhanced status code `class.subject.detail` (RFC 3463).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enhanced(pub u8, pub u16, pub u16);
@@ -82,18 +84,7 @@ impl Reply {
 }
 
 fn push_decimal(out: &mut Vec<u8>, n: u16) {
-    let mut digits = [0u8; 5];
-    let mut start = digits.len();
-    let mut n = n;
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[start..]);
+    out.extend_from_slice(Decimal::new(n.into(), 1).as_str().as_bytes());
 }
 
 fn itoa3(code: u16) -> [u8; 3] {

@@ -2,6 +2,8 @@
 //! headers and ISO 8601 timestamps for operators. UTC only, no time zone
 //! database, no I/O.
 
+use crate::decimal::Decimal;
+
 /// `Tue, 1 Jul 2003 10:52:37 +0000` (RFC 5322 §3.3), in UTC.
 pub fn rfc5322_date(unix: i64) -> String {
     let mut out = String::with_capacity(32);
@@ -40,16 +42,7 @@ fn push_number(out: &mut String, n: i64, width: usize) {
     if n < 0 {
         out.push('-');
     }
-    let mut n = n.unsigned_abs();
-    let mut digits = [b'0'; 20];
-    let mut start = digits.len();
-    while n > 0 || digits.len() - start < width.max(1) {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
+    out.push_str(Decimal::new(n.unsigned_abs(), width).as_str());
 }
 
 /// `2003-07-01 10:52:37` in UTC: sortable and fixed-width for tables.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mailroom_core::config::{Config, LogFormat, TlsMode};
+use mailroom_core::decimal::Decimal;
 use mailroom_core::{Intake, IntakeError, MessageId, NewMessage};
 use mailroom_delivery::connection::ClientOptions;
 use mailroom_delivery::dns::MxResolver;
@@ -400,12 +401,6 @@ impl tracing_subscriber::fmt::time::FormatTime for LogTime {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let secs = now.as_secs();
-        let mut fraction = *b".000000Z";
-        let mut micros = now.subsec_micros();
-        for digit in fraction[1..7].iter_mut().rev() {
-            *digit = b'0' + (micros % 10) as u8;
-            micros /= 10;
-        }
         SECOND.with(|second| {
             let mut second = second.borrow_mut();
             if second.0 != secs || second.1.is_empty() {
@@ -417,8 +412,9 @@ impl tracing_subscriber::fmt::time::FormatTime for LogTime {
             }
             w.write_str(&second.1)
         })?;
-        // Only ASCII digits and punctuation were written.
-        w.write_str(std::str::from_utf8(&fraction).unwrap_or(".000000Z"))
+        w.write_char('.')?;
+        w.write_str(Decimal::new(now.subsec_micros().into(), 6).as_str())?;
+        w.write_char('Z')
     }
 }
 
