@@ -122,6 +122,43 @@ async fn null_reverse_path_round_trips_as_none() {
     store.close().await;
 }
 
+fn page_size(path: &Path) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .pragma_query_value(None, "page_size", |row| row.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_new_database_has_16_kib_pages_and_an_older_one_keeps_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    let store = open(&path);
+    store.close().await;
+    drop(store);
+    assert_eq!(page_size(&path), 16 * 1024);
+
+    // A database created by an earlier build, with SQLite's 4 KiB pages.
+    let older = dir.path().join("older.db");
+    {
+        let conn = rusqlite::Connection::open(&older).unwrap();
+        conn.pragma_update(None, "page_size", 4096).unwrap();
+        conn.pragma_update_and_check(None, "journal_mode", "wal", |_| Ok(()))
+            .unwrap();
+        conn.execute_batch("CREATE TABLE before_mailroom (x)")
+            .unwrap();
+    }
+    let store = open(&older);
+    let m = message(&["a@example.test"]);
+    store.enqueue(m.clone()).await.unwrap();
+    store.close().await;
+    drop(store);
+    assert_eq!(page_size(&older), 4096);
+    let store = open(&older);
+    assert_eq!(store.get(&m.id).unwrap().unwrap().content, m.content);
+    store.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_is_folded_back_and_starts_over_while_commits_go_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,7 +166,7 @@ async fn the_wal_is_folded_back_and_starts_over_while_commits_go_on() {
     let store = SqliteStore::open(
         &path,
         SqliteOptions {
-            checkpoint_frames: 64,
+            checkpoint_bytes: 256 * 1024,
             ..SqliteOptions::default()
         },
     )

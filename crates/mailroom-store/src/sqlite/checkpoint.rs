@@ -21,8 +21,8 @@ use std::thread::{self, JoinHandle};
 use rusqlite::Connection;
 use rusqlite::hooks::Wal;
 
-/// The default for `SqliteOptions::checkpoint_frames`.
-pub(crate) const CHECKPOINT_FRAMES: u32 = 4000;
+/// The default for `SqliteOptions::checkpoint_bytes`.
+pub(crate) const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
 
 thread_local! {
     /// Frames in the WAL after the writer thread's last commit.

@@ -48,6 +48,15 @@ const READER_CACHE_KIB: i64 = 2048;
 /// closed after use.
 const MAX_IDLE_READERS: usize = 4;
 
+/// Page size of a new database. Bodies are stored inline, so a message of
+/// 100 KB spans 25 pages of SQLite's default 4 KiB, each its own WAL frame
+/// (two writes, a checksum) and each copied again by the checkpoint; at
+/// 16 KiB the same message costs a quarter of that. Measured with
+/// `bench/smtp.sh` (W3, 100 KB): 25 % less server CPU per message, 17 % more
+/// messages per second; W1 (1 KB) measured the same at 4, 16 and 32 KiB.
+/// An existing database keeps the page size it was created with.
+const PAGE_SIZE: i64 = 16 * 1024;
+
 /// After a checkpoint, truncate the WAL file back to this size, so one burst
 /// does not leave a large file behind.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
@@ -60,11 +69,11 @@ pub struct SqliteOptions {
     /// Enqueue requests waiting for the writer before `enqueue` waits too:
     /// backpressure instead of an unbounded buffer.
     pub queue_depth: usize,
-    /// WAL size, in 4 KiB pages, at which it is folded back into the
-    /// database. Larger than SQLite's 1000, so hot pages written by many
-    /// commits are copied back once per checkpoint, not once per few
-    /// commits.
-    pub checkpoint_frames: u32,
+    /// WAL size, in bytes, at which it is folded back into the database.
+    /// Four times SQLite's default (1000 pages of 4 KiB), so hot pages
+    /// written by many commits are copied back once per checkpoint, not
+    /// once per few commits.
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for SqliteOptions {
@@ -72,7 +81,7 @@ impl Default for SqliteOptions {
         SqliteOptions {
             max_batch: 512,
             queue_depth: 4096,
-            checkpoint_frames: checkpoint::CHECKPOINT_FRAMES,
+            checkpoint_bytes: checkpoint::CHECKPOINT_BYTES,
         }
     }
 }
@@ -119,7 +128,7 @@ impl SqliteStore {
     /// build's schema and starts the writer thread. The directory must exist.
     pub fn open(path: &Path, options: SqliteOptions) -> Result<Self, StoreError> {
         let mut conn = Connection::open(path)?;
-        configure_writer(&conn, &options)?;
+        let checkpoint_frames = configure_writer(&conn, &options)?;
         let version = schema::migrate(&mut conn)?;
         let (requests, rx) = mpsc::channel(options.queue_depth.max(1));
         let (exited_tx, exited_rx) = oneshot::channel();
@@ -134,7 +143,7 @@ impl SqliteStore {
             rx,
             arrivals.clone(),
             options.max_batch.max(1),
-            options.checkpoint_frames,
+            checkpoint_frames,
             exited_tx,
         )?;
         tracing::info!(path = %path.display(), schema_version = version, "store opened");
@@ -315,8 +324,17 @@ impl Intake for SqliteStore {
     }
 }
 
-fn configure_writer(conn: &Connection, options: &SqliteOptions) -> Result<(), StoreError> {
+/// Sets up the write connection; returns the WAL size, in frames, at which
+/// a checkpoint starts.
+fn configure_writer(conn: &Connection, options: &SqliteOptions) -> Result<u32, StoreError> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Only takes effect on a new file (before WAL mode is set).
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+    let page_size: i64 = conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
+    let page_size = u64::try_from(page_size).unwrap_or(4096).max(512);
+    let checkpoint_frames = u32::try_from(options.checkpoint_bytes / page_size)
+        .unwrap_or(u32::MAX)
+        .max(1);
     let mode: String =
         conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -335,13 +353,9 @@ fn configure_writer(conn: &Connection, options: &SqliteOptions) -> Result<(), St
     // Savepoint journals (one per message in a batch) stay in memory.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // Until the checkpoint thread takes over (see `checkpoint`).
-    conn.pragma_update(
-        None,
-        "wal_autocheckpoint",
-        i64::from(options.checkpoint_frames),
-    )?;
+    conn.pragma_update(None, "wal_autocheckpoint", i64::from(checkpoint_frames))?;
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
-    Ok(())
+    Ok(checkpoint_frames)
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
