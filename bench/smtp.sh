@@ -121,6 +121,7 @@ run_one() {
     local size=${W_SIZE[$w]} sessions=${W_SESSIONS[$w]} count=${W_COUNT[$w]}
     local dir="$BENCH_TMP/runs/$w-$srv-$rep"
     mkdir -p "$dir"
+    settle_disk
     start_server "$srv" "$dir" "${PORT[$srv]}"
 
     local flags=(-c -s "$sessions" -m "$count" -l "$size" -f from@bench.test -t to@bench.test -M client.bench.test)

@@ -262,6 +262,16 @@ start_postfix() {
     wait_greeting 30
 }
 
+# Waits until the disk has written what earlier runs left dirty. Without it
+# a run starts while the previous server's files (Postfix's queue, a 100 MB
+# database just removed) are still being written back and journalled, and
+# pays for its predecessor: in W3 mailroom used 0.55 CPU-s after a Postfix
+# run against 0.45 after its own.
+settle_disk() {
+    sync
+    sleep "${SETTLE_SECS:-1}"
+}
+
 # $1: kind, $2: run directory, $3: port.
 start_server() {
     case $1 in
