@@ -7,12 +7,13 @@
 //! cannot interpret is [`InboxError::Corrupt`], never a panic).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mailroom_core::MessageId;
-use rusqlite::{Connection, OpenFlags, Row, TransactionBehavior, params};
+use mailroom_store::sqlite::ReadPool;
+use rusqlite::{Connection, Row, TransactionBehavior, params};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{Change, NewRecord, Query, Stored};
@@ -498,15 +499,13 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, InboxError> {
 
 /// Pooled read-only connections; used from the blocking pool.
 pub(super) struct Readers {
-    path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
+    pool: ReadPool,
 }
 
 impl Readers {
     pub(super) fn new(path: PathBuf) -> Readers {
         Readers {
-            path,
-            idle: Mutex::new(Vec::new()),
+            pool: ReadPool::new(path, READER_CACHE_KIB, MAX_IDLE_READERS),
         }
     }
 
@@ -582,35 +581,8 @@ impl Readers {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, InboxError>,
     ) -> Result<T, InboxError> {
-        let pooled = self.idle().pop();
-        let mut conn = match pooled {
-            Some(conn) => conn,
-            None => open_reader(&self.path)?,
-        };
-        let result = f(&mut conn);
-        if conn.is_autocommit() {
-            let mut idle = self.idle();
-            if idle.len() < MAX_IDLE_READERS {
-                idle.push(conn);
-            }
-        }
-        result
+        self.pool.with(f)
     }
-
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-fn open_reader(path: &Path) -> Result<Connection, InboxError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "query_only", true)?;
-    conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
-    Ok(conn)
 }
 
 /// A row of [`COLUMNS`], checked.

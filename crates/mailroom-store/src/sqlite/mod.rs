@@ -11,20 +11,22 @@
 mod checkpoint;
 mod directory;
 mod read;
+mod read_pool;
 mod schema;
 mod writer;
 
+pub use read_pool::ReadPool;
 pub use schema::migrate_with;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mailroom_core::config::StoreConfig;
 use mailroom_core::{Intake, IntakeError, MessageId, NewMessage};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -111,7 +113,7 @@ struct Inner {
     /// Resolves (with an error: the sender is dropped) when the writer thread
     /// has finished. `None` once a `close` has seen it.
     writer_exited: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
-    readers: Mutex<Vec<Connection>>,
+    readers: ReadPool,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -154,7 +156,7 @@ impl SqliteStore {
                 arrivals,
                 closing: AtomicBool::new(false),
                 writer_exited: tokio::sync::Mutex::new(Some(exited_rx)),
-                readers: Mutex::new(Vec::new()),
+                readers: ReadPool::new(path.to_owned(), READER_CACHE_KIB, MAX_IDLE_READERS),
             }),
         })
     }
@@ -199,29 +201,7 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let pooled = self.readers().pop();
-        let mut conn = match pooled {
-            Some(conn) => conn,
-            None => open_reader(&self.inner.path)?,
-        };
-        let result = f(&mut conn);
-        // A connection left inside a transaction by a failure is not reused.
-        if conn.is_autocommit() {
-            let mut pool = self.readers();
-            if pool.len() < MAX_IDLE_READERS {
-                pool.push(conn);
-            }
-        }
-        result
-    }
-
-    fn readers(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
-        // The pool is a plain Vec; a panic elsewhere while holding the lock
-        // cannot leave it inconsistent.
-        self.inner
-            .readers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.inner.readers.with(f)
     }
 }
 
@@ -356,19 +336,4 @@ fn configure_writer(conn: &Connection, options: &SqliteOptions) -> Result<u32, S
     conn.pragma_update(None, "wal_autocheckpoint", i64::from(checkpoint_frames))?;
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
     Ok(checkpoint_frames)
-}
-
-fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    // No CREATE: the writer created the file; a missing file is an error.
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    // Read-write at the file level (it must use the WAL's shared memory), but
-    // refused any write, so a bug here cannot race the writer thread.
-    conn.pragma_update(None, "query_only", true)?;
-    conn.pragma_update(None, "foreign_keys", true)?;
-    conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
-    Ok(conn)
 }
