@@ -742,6 +742,20 @@ mod tests {
         }
     }
 
+    /// A database with the schema in place, in `dir`.
+    fn migrated(dir: &tempfile::TempDir) -> Connection {
+        let mut conn = Connection::open(dir.path().join("db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        conn
+    }
+
+    fn pending(messages: impl IntoIterator<Item = NewMessage>) -> Vec<Pending> {
+        messages
+            .into_iter()
+            .map(|m| Pending::new(m).unwrap())
+            .collect()
+    }
+
     fn count(conn: &Connection, table: &str) -> i64 {
         conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
             .unwrap()
@@ -750,8 +764,7 @@ mod tests {
     #[test]
     fn a_duplicate_in_a_batch_fails_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        super::super::schema::migrate(&mut conn).unwrap();
+        let conn = migrated(&dir);
         let stored = message();
         let results = write_batch(&conn, &[Pending::new(stored.clone()).unwrap()]);
         assert!(matches!(results[..], [Ok(())]));
@@ -761,10 +774,7 @@ mod tests {
             .envelope
             .recipients
             .push(duplicate.envelope.recipients[0].clone());
-        let batch = [message(), duplicate, message()]
-            .into_iter()
-            .map(|m| Pending::new(m).unwrap())
-            .collect::<Vec<_>>();
+        let batch = pending([message(), duplicate, message()]);
         let results = write_batch(&conn, &batch);
         assert!(matches!(
             results[..],
@@ -791,12 +801,8 @@ mod tests {
     #[test]
     fn a_taken_idempotency_key_fails_alone_without_a_retry() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        super::super::schema::migrate(&mut conn).unwrap();
-        let batch = [keyed("k1"), keyed("k1"), message()]
-            .into_iter()
-            .map(|m| Pending::new(m).unwrap())
-            .collect::<Vec<_>>();
+        let conn = migrated(&dir);
+        let batch = pending([keyed("k1"), keyed("k1"), message()]);
         let results = write_batch(&conn, &batch);
         assert!(matches!(
             results[..],
@@ -809,8 +815,7 @@ mod tests {
     #[test]
     fn a_duplicate_after_a_claimed_key_leaves_the_rest_of_the_batch_intact() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        super::super::schema::migrate(&mut conn).unwrap();
+        let conn = migrated(&dir);
         let stored = message();
         write_batch(&conn, &[Pending::new(stored.clone()).unwrap()]);
 
@@ -818,10 +823,7 @@ mod tests {
         // savepoints must not keep that key, and must keep everything else.
         let mut duplicate = keyed("dup");
         duplicate.id = stored.id;
-        let batch = [keyed("k1"), keyed("k1"), duplicate, keyed("k2")]
-            .into_iter()
-            .map(|m| Pending::new(m).unwrap())
-            .collect::<Vec<_>>();
+        let batch = pending([keyed("k1"), keyed("k1"), duplicate, keyed("k2")]);
         let results = write_batch(&conn, &batch);
         assert!(matches!(
             results[..],
@@ -847,14 +849,10 @@ mod tests {
     #[test]
     fn a_failed_commit_fails_every_message() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("db")).unwrap();
-        super::super::schema::migrate(&mut conn).unwrap();
+        let conn = migrated(&dir);
         // A read-only connection makes every insert fail the way a broken disk would.
         conn.pragma_update(None, "query_only", true).unwrap();
-        let batch = [message(), message()]
-            .into_iter()
-            .map(|m| Pending::new(m).unwrap())
-            .collect::<Vec<_>>();
+        let batch = pending([message(), message()]);
         let results = write_batch(&conn, &batch);
         assert_eq!(results.len(), 2);
         assert!(
